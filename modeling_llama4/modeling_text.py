@@ -1,0 +1,342 @@
+"""The Llama 4 text decoder and its heads, as transformers `PreTrainedModel`s.
+
+State-dict keys are those of the official checkpoints and of transformers' `Llama4ForCausalLM`
+(`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.feed_forward.experts.
+gate_up_proj`, ..., `lm_head`), so weights move between the two without renaming.
+
+Masks and caches are transformers' own: `create_causal_mask` for the NoPE (full attention) layers,
+`create_chunked_causal_mask` for the RoPE (chunked) layers, and `DynamicCache(config=...)`, which
+keeps only the last `attention_chunk_size - 1` keys/values on chunked layers. Chunk boundaries start
+at a sequence's first real token (left padding is not counted) and, for documents packed into one
+row, at each document's first token, exactly as transformers computes them.
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_llama4 import Llama4TextConfig
+from .decoder_layer import Llama4TextDecoderLayer
+from .norm import Llama4RMSNorm
+from .rope import Llama4TextRotaryEmbedding, rope_inverse_frequencies
+
+_MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+
+
+class Llama4PreTrainedModel(PreTrainedModel):
+    config_class = Llama4TextConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Llama4TextDecoderLayer", "Llama4VisionEncoderLayer"]
+    _supports_sdpa = True
+    # Chunked layers need a mask that flash-attention kernels cannot take.
+    _supports_flash_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
+        # The fused expert weights are bare 3-D parameters, which the generic rules above skip.
+        for name in ("gate_up_proj", "down_proj"):
+            weight = module._parameters.get(name)
+            if weight is not None and weight.dim() == 3:
+                init.normal_(weight, mean=0.0, std=std)
+        expert_bias = module._buffers.get("expert_bias")
+        if expert_bias is not None:
+            init.zeros_(expert_bias)
+        if isinstance(module, Llama4TextRotaryEmbedding):
+            init.copy_(module.inv_freq, rope_inverse_frequencies(module.rope_parameters, module.head_dim))
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={config.vocab_size}); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]. Is the tokenizer the one this model was built for?"
+            )
+    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(
+            f"inputs_embeds must be (batch, sequence, hidden_size={config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+        )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"attention_mask has batch size {attention_mask.shape[0]} but the inputs have {batch}"
+            )
+
+
+class Llama4TextModel(Llama4PreTrainedModel):
+    """The decoder backbone: embeddings, the layers and the final norm; returns `last_hidden_state`."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        padding_idx = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Llama4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Llama4TextRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _build_masks(self, attention_mask, inputs_embeds, cache, position_ids) -> dict:
+        if isinstance(attention_mask, dict):
+            return attention_mask
+        # transformers separates documents packed in one row only when it is given no cache; an
+        # empty cache holds nothing to attend to, so it is left out for that decision.
+        if (
+            attention_mask is None
+            and cache is not None
+            and cache.get_seq_length() == 0
+            and not getattr(cache, "is_compileable", False)
+        ):
+            cache = None
+        return {
+            kind: _MASK_BUILDERS[kind](
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            for kind in set(self.config.layer_types)
+        }
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+
+        masks = self._build_masks(attention_mask, inputs_embeds, cache, position_ids)
+        rotations = self.rotary_emb(position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden, all_router_logits, all_attentions = [], [], []
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, router_logits, attention_weights = layer(
+                hidden_states, rotations, position_ids, attention_mask=masks[kind], cache=cache, **kwargs
+            )
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+            if output_attentions:
+                all_attentions.append(attention_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+        )
+
+
+def router_aux_loss(config, router_logits: tuple, attention_mask) -> torch.Tensor | None:
+    """The configured router losses, weighted by their coefficients (None when all are off)."""
+    from .router_losses import load_balancing_loss, router_z_loss
+
+    total = None
+    if config.router_aux_loss_coef > 0:
+        total = config.router_aux_loss_coef * load_balancing_loss(router_logits, config, attention_mask)
+    if config.router_z_loss_coef > 0:
+        z = config.router_z_loss_coef * router_z_loss(router_logits, config, attention_mask)
+        total = z if total is None else total + z
+    return total
+
+
+class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+    """Backbone + untied LM head. With `labels`, returns the next-token cross-entropy, plus the router
+    losses when router logits are requested (`output_router_logits`, as Mixtral does)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        self.model = Llama4TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if output_router_logits and outputs.router_logits:
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            aux_loss = router_aux_loss(self.config, outputs.router_logits, mask)
+            if loss is not None and aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class Llama4ForSequenceClassification(Llama4PreTrainedModel):
+    """Backbone + a linear `score` head read at each sequence's last real token (reward models).
+
+    The last real token is the last position the attention mask keeps, or, without a mask, the last
+    token that is not `pad_token_id`; so left and right padding both work.
+    """
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = Llama4TextModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def _last_token_index(self, input_ids, attention_mask, length: int, batch: int, device) -> torch.Tensor:
+        positions = torch.arange(length, device=device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            return (positions * attention_mask[:, -length:].to(device).bool()).argmax(-1)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            return (positions * (input_ids != self.config.pad_token_id)).argmax(-1)
+        if batch > 1:
+            raise ValueError(
+                "cannot find the last real token of a padded batch: pass an attention_mask, or input_ids with "
+                "config.pad_token_id set"
+            )
+        return torch.full((batch,), length - 1, device=device)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch, length = logits.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, length, batch, logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
