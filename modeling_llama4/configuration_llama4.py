@@ -15,6 +15,8 @@ from transformers import PreTrainedConfig
 from .presets import TEXT_PRESETS, VISION_PRESETS, composite_preset
 
 MOE_BALANCING = ("none", "aux_loss_free")
+# How the routed experts are computed; "auto" picks the fastest that runs on the device (see moe.py).
+MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "dense")
 
 
 def _preset(table: dict, name: str) -> dict:
@@ -96,6 +98,7 @@ class Llama4TextConfig(PreTrainedConfig):
         router_z_loss_coef: float = 0.0,
         moe_load_balancing: str = "none",
         moe_bias_update_rate: float = 1e-3,
+        moe_implementation: str = "auto",
         rope_parameters: dict | None = None,
         rope_theta: float | None = None,
         rope_scaling: dict | None = None,
@@ -139,6 +142,7 @@ class Llama4TextConfig(PreTrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.moe_load_balancing = moe_load_balancing
         self.moe_bias_update_rate = moe_bias_update_rate
+        self.moe_implementation = moe_implementation
         self.rope_parameters = _fold_rope(rope_parameters, rope_theta, rope_scaling, 500000.0)
         self.no_rope_layer_interval = no_rope_layer_interval
         # 1 marks a RoPE layer; an empty list in a shipped config means "the default pattern".
@@ -219,6 +223,12 @@ class Llama4TextConfig(PreTrainedConfig):
             raise ValueError(f"floor_scale must be >= 1 when attn_temperature_tuning is on, got {self.floor_scale}")
         if self.moe_load_balancing not in MOE_BALANCING:
             raise ValueError(f"moe_load_balancing must be one of {MOE_BALANCING}, got {self.moe_load_balancing!r}")
+        if self.moe_bias_update_rate < 0:
+            raise ValueError(f"moe_bias_update_rate must be >= 0, got {self.moe_bias_update_rate}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             raise ValueError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
         if self.hidden_act != "silu":
@@ -296,11 +306,23 @@ class Llama4VisionConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
             )
+        if (self.hidden_size // self.num_attention_heads) % 4:
+            raise ValueError(
+                f"the vision head dim ({self.hidden_size // self.num_attention_heads}) must be a multiple of 4: "
+                "the 2D RoPE splits each head's rotation pairs evenly between columns and rows"
+            )
         grid = self.image_size // self.patch_size
         shuffled = grid * self.pixel_shuffle_ratio
-        if shuffled != int(shuffled):
+        block = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0.5
+        if shuffled != int(shuffled) or block != int(block):
             raise ValueError(
-                f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} must divide the {grid}x{grid} patch grid evenly"
+                f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/n for an integer n that divides the "
+                f"{grid}x{grid} patch grid evenly (the official value is 0.5)"
+            )
+        if self.vision_output_dim != self.projector_output_dim:
+            raise ValueError(
+                f"vision_output_dim ({self.vision_output_dim}) must equal projector_output_dim "
+                f"({self.projector_output_dim}): the projector reads the adapter's output"
             )
         expected = int(self.hidden_size / self.pixel_shuffle_ratio**2)
         if self.intermediate_size != expected:
