@@ -25,6 +25,12 @@ def _preset(table: dict, name: str) -> dict:
     return copy.deepcopy(table[name])
 
 
+def _own_auto_map(kwargs: dict) -> dict:
+    """A per-instance `auto_map` (TRL loads models by path through it and needs a dict even when
+    empty); a class-level dict would be shared, and `save_pretrained` writes into it."""
+    return dict(kwargs.pop("auto_map", None) or {})
+
+
 def _fold_rope(rope_parameters, rope_theta, rope_scaling, default_theta: float) -> dict:
     """One `rope_parameters` dict from either the transformers-5 field or the legacy pair."""
     if rope_parameters:
@@ -63,8 +69,6 @@ class Llama4TextConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     # TRL and Mixtral-style losses read `num_experts`.
     attribute_map = {"num_experts": "num_local_experts"}
-    # TRL loads models by path through `auto_map`; it must be a dict even when empty.
-    auto_map = {}
 
     def __init__(
         self,
@@ -167,6 +171,7 @@ class Llama4TextConfig(PreTrainedConfig):
         self.for_llm_compressor = for_llm_compressor
         if isinstance(eos_token_id, tuple):
             eos_token_id = list(eos_token_id)
+        self.auto_map = _own_auto_map(kwargs)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -245,7 +250,6 @@ class Llama4VisionConfig(PreTrainedConfig):
 
     model_type = "llama4_sparse_vision"
     base_config_key = "vision_config"
-    auto_map = {}
 
     def __init__(
         self,
@@ -292,6 +296,7 @@ class Llama4VisionConfig(PreTrainedConfig):
         self.projector_dropout = projector_dropout
         self.attention_dropout = attention_dropout
         self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": rope_theta}
+        self.auto_map = _own_auto_map(kwargs)
         super().__init__(**kwargs)
         self.validate_architecture()
 
@@ -352,7 +357,6 @@ class Llama4Config(PreTrainedConfig):
         "boi_token_id": "boi_token_index",
         "eoi_token_id": "eoi_token_index",
     }
-    auto_map = {}
 
     def __init__(
         self,
@@ -369,6 +373,7 @@ class Llama4Config(PreTrainedConfig):
         self.boi_token_index = boi_token_index
         self.eoi_token_index = eoi_token_index
         self.image_token_index = image_token_index
+        self.auto_map = _own_auto_map(kwargs)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         if not 0 <= image_token_index < self.text_config.vocab_size:
             raise ValueError(
