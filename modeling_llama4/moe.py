@@ -1,0 +1,238 @@
+"""The Llama 4 mixture-of-experts block: a sigmoid top-k router, routed SwiGLU experts, a shared expert.
+
+Routing follows the official models: top-k over the raw router logits, each selected expert scored by
+the sigmoid of its logit (in fp32), and that score multiplies the expert's *input*. The block returns
+`shared_expert(x) + sum_selected expert_e(score_e * x)`.
+
+Unlike the reference implementations, only the routed (token, expert) pairs are computed: the
+assignments are sorted by expert, the tokens gathered into one contiguous block per expert, pushed
+through grouped matrix products over the fused `gate_up_proj (E, D, 2F)` / `down_proj (E, F, D)`
+parameters, and added back to their tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .configuration_llama4 import Llama4TextConfig
+from .mlp import Llama4TextMLP
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class Llama4Router(nn.Linear):
+    """Token-to-expert affinities: a bias-free projection D -> E returning the raw logits.
+
+    A plain linear layer (selection lives in `route`) so that adapters such as LoRA can wrap it.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(hidden_size, num_experts, bias=False)
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, experts), both (N, top_k): the top-k experts of each token and their sigmoid scores.
+
+    `selection_bias` (aux-loss-free balancing) shifts which experts win, never how much they weigh:
+    the score is always the sigmoid of the raw logit.
+    """
+    if selection_bias is None:
+        top_logits, experts = torch.topk(router_logits, top_k, dim=-1)
+    else:
+        experts = torch.topk(router_logits + selection_bias, top_k, dim=-1).indices
+        top_logits = router_logits.gather(-1, experts)
+    scores = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
+    return scores, experts
+
+
+class _LoopGroupedMatmul(torch.autograd.Function):
+    """`grouped_mm` semantics, one `mm` per non-empty expert, for devices/dtypes without the kernel.
+
+    A custom backward so that the weight gradient is written once into one (E, K, N) tensor; autograd
+    through per-expert `weight[e]` views would materialise a full-size zero tensor per expert.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        out = x.new_empty(x.shape[0], weight.shape[-1])
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                torch.mm(x[start : start + count], weight[e], out=out[start : start + count])
+                start += count
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.new_empty(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            if not count:
+                continue
+            rows = slice(start, start + count)
+            if grad_x is not None:
+                torch.mm(grad_out[rows], weight[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                torch.mm(x[rows].t(), grad_out[rows], out=grad_w[e])
+            start += count
+        return grad_x, grad_w, None
+
+
+def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel accepts these operands (it needs 16-byte aligned rows)."""
+    if not _HAS_GROUPED_MM or x.dtype != weight.dtype:
+        return False
+    row_bytes = x.element_size()
+    return all((n * row_bytes) % 16 == 0 for n in (weight.shape[1], weight.shape[2]))
+
+
+class Llama4TextExperts(nn.Module):
+    """E SwiGLU experts stored fused, as the official checkpoints do: `gate_up_proj` holds [gate | up]."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_size = config.hidden_size
+        self.expert_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, 2 * self.expert_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.expert_dim, self.hidden_size))
+        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
+        nn.init.normal_(self.down_proj, std=config.initializer_range)
+
+    def forward(self, routed_in: torch.Tensor, tokens_per_expert: torch.Tensor, implementation: str) -> torch.Tensor:
+        """SwiGLU of each row by its expert. `routed_in` (M, D) is sorted by expert, with
+        `tokens_per_expert[e]` consecutive rows for expert e; `implementation` is "grouped_mm" or "loop"."""
+        if implementation == "grouped_mm":
+            offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+            gate_up = F.grouped_mm(routed_in, self.gate_up_proj, offs=offsets)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, self.down_proj, offs=offsets)
+        counts = tokens_per_expert.tolist()
+        gate_up = _LoopGroupedMatmul.apply(routed_in, self.gate_up_proj, counts)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return _LoopGroupedMatmul.apply(F.silu(gate) * up, self.down_proj, counts)
+
+    def forward_all(self, scaled_in: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own input: `scaled_in` (E, N, D) -> (E, N, D). Static shapes (for
+        compilers and graph capture) at E times the routed work."""
+        gate, up = torch.bmm(scaled_in, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down_proj)
+
+
+def _in_backward_pass() -> bool:
+    """True while autograd is running a backward, e.g. recomputing a checkpointed layer."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Llama4TextMoe(nn.Module):
+    """Routed experts plus an always-on shared expert; `forward` returns (output, raw router logits)."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.hidden_dim = config.hidden_size
+        self.num_experts = config.num_local_experts
+        self.implementation = config.moe_implementation
+        self.jitter_noise = config.router_jitter_noise
+        self.router = Llama4Router(config.hidden_size, config.num_local_experts)
+        self.experts = Llama4TextExperts(config)
+        self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
+        self.balancing = config.moe_load_balancing
+        self.bias_update_rate = config.moe_bias_update_rate
+        if self.balancing == "aux_loss_free":
+            self.register_buffer("expert_bias", torch.zeros(config.num_local_experts))
+        else:
+            self.expert_bias = None
+        # Tokens routed to each expert by the latest forward (padding included), for logging; a plain
+        # attribute, not a buffer, so that dtype casts and meta-device loading leave it alone.
+        self.last_expert_load: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"Llama4TextMoe expects hidden_states of shape (batch, seq_len, {self.hidden_dim}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        batch, seq_len, _ = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        router_in = x
+        if self.training and self.jitter_noise > 0:
+            # Switch-Transformer jitter: perturbs only the routing decision, not the experts' input.
+            router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        router_logits = self.router(router_in)
+        scores, experts = route(router_logits, self.top_k, self.expert_bias)
+
+        flat_experts = experts.reshape(-1)
+        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
+        self._record_load(tokens_per_expert)
+
+        implementation = self._implementation(x)
+        if implementation == "dense":
+            routed = self._dense_routed(x, scores, experts)
+            out = self.shared_expert(x) + routed
+        else:
+            # Stable sort keeps each expert's tokens in sequence order (deterministic accumulation).
+            order = flat_experts.argsort(stable=True)
+            token_of_slot = order // self.top_k
+            routed_in = x[token_of_slot] * scores.reshape(-1, 1)[order]
+            routed_out = self.experts(routed_in, tokens_per_expert, implementation)
+            out = self.shared_expert(x).index_add(0, token_of_slot, routed_out)
+        return out.reshape(batch, seq_len, self.hidden_dim), router_logits
+
+    def _implementation(self, x: torch.Tensor) -> str:
+        if self.implementation != "auto":
+            if self.implementation == "grouped_mm" and not _grouped_mm_runs(x, self.experts.gate_up_proj):
+                raise ValueError(
+                    "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9) and "
+                    "hidden_size / intermediate_size whose rows are multiples of 16 bytes; "
+                    "use moe_implementation='loop' or 'auto'"
+                )
+            return self.implementation
+        # Measured on CPU (bench/bench_moe.md): one mm per expert beats the CPU grouped_mm kernel.
+        if x.is_cuda and _grouped_mm_runs(x, self.experts.gate_up_proj):
+            return "grouped_mm"
+        return "loop"
+
+    def _dense_routed(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        dense_scores = dense_scores.scatter(1, experts, scores)
+        scaled_in = x.unsqueeze(0) * dense_scores.t().unsqueeze(-1)
+        return self.experts.forward_all(scaled_in).sum(0)
+
+    @torch.no_grad()
+    def _record_load(self, tokens_per_expert: torch.Tensor) -> None:
+        self.last_expert_load = tokens_per_expert
+        if self.expert_bias is None or not self.training or not torch.is_grad_enabled() or _in_backward_pass():
+            return
+        # DeepSeek-V3 aux-loss-free balancing: nudge under-loaded experts up, over-loaded ones down.
+        load = tokens_per_expert.to(self.expert_bias.dtype)
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+
+
+def expert_load_metrics(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer, from the latest forward: `{name}/max_over_mean` (1.0 is perfectly balanced),
+    `{name}/cv` (coefficient of variation of the load) and `{name}/unused_fraction` (experts that got
+    no token). Keys are the module names, e.g. "model.layers.0.feed_forward/max_over_mean"."""
+    metrics = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Llama4TextMoe):
+            continue
+        if module.last_expert_load is None:
+            continue
+        load = module.last_expert_load.float()
+        mean = load.mean()
+        metrics[f"{name}/max_over_mean"] = (load.max() / mean).item()
+        metrics[f"{name}/cv"] = (load.std(unbiased=False) / mean).item()
+        metrics[f"{name}/unused_fraction"] = (load == 0).float().mean().item()
+    return metrics
