@@ -11,6 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import Llama4TextAttention
 from .mlp import Llama4TextMLP
+from .moe import Llama4TextMoe
 from .norm import Llama4RMSNorm
 
 
@@ -21,8 +22,6 @@ class Llama4TextDecoderLayer(GradientCheckpointingLayer):
         self.is_moe_layer = layer_idx in config.moe_layers
         self.self_attn = Llama4TextAttention(config, layer_idx)
         if self.is_moe_layer:
-            from .moe import Llama4TextMoe
-
             self.feed_forward = Llama4TextMoe(config)
         else:
             self.feed_forward = Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp)

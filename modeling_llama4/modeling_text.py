@@ -27,6 +27,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_llama4 import Llama4TextConfig
 from .decoder_layer import Llama4TextDecoderLayer
+from .moe import Llama4TextExperts, Llama4TextMoe
 from .norm import Llama4RMSNorm
 from .rope import Llama4TextRotaryEmbedding, rope_inverse_frequencies
 
@@ -46,14 +47,12 @@ class Llama4PreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
         # The fused expert weights are bare 3-D parameters, which the generic rules above skip.
-        for name in ("gate_up_proj", "down_proj"):
-            weight = module._parameters.get(name)
-            if weight is not None and weight.dim() == 3:
-                init.normal_(weight, mean=0.0, std=std)
-        expert_bias = module._buffers.get("expert_bias")
-        if expert_bias is not None:
-            init.zeros_(expert_bias)
-        if isinstance(module, Llama4TextRotaryEmbedding):
+        if isinstance(module, Llama4TextExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Llama4TextMoe) and module.expert_bias is not None:
+            init.zeros_(module.expert_bias)
+        elif isinstance(module, Llama4TextRotaryEmbedding):
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.rope_parameters, module.head_dim))
 
 
