@@ -30,17 +30,17 @@ import torch
 from torch.nn import functional as F
 
 
-def _layers(router_logits_per_layer) -> list[torch.Tensor]:
+def _layers(router_logits_per_layer, num_experts: int) -> list[torch.Tensor]:
     if isinstance(router_logits_per_layer, torch.Tensor):
         router_logits_per_layer = [router_logits_per_layer]
     layers = [logits for logits in router_logits_per_layer if logits is not None]
     if not layers:
         raise ValueError("no router logits given: the model has no MoE layer, or it was not asked for them")
     for logits in layers:
-        if logits.dim() != 2 or logits.shape != layers[0].shape:
+        if logits.dim() != 2 or logits.shape != layers[0].shape or logits.shape[-1] != num_experts:
             raise ValueError(
-                "router logits must be one (tokens, num_experts) tensor per MoE layer, all of the same shape; "
-                f"got shapes {[tuple(t.shape) for t in layers]}"
+                f"router logits must be one (tokens, num_local_experts={num_experts}) tensor per MoE layer, "
+                f"all of the same shape; got shapes {[tuple(t.shape) for t in layers]}"
             )
     return layers
 
@@ -75,10 +75,8 @@ def load_balancing_loss(
     `router_logits_per_layer`: one raw (batch * seq_len, E) logit tensor per MoE layer; `config` gives
     `num_local_experts` and `num_experts_per_tok`; padding positions (attention_mask == 0) are ignored.
     """
-    layers = _layers(router_logits_per_layer)
     num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
-    if layers[0].shape[-1] != num_experts:
-        raise ValueError(f"router logits have {layers[0].shape[-1]} experts, the config {num_experts}")
+    layers = _layers(router_logits_per_layer, num_experts)
     device = layers[0].device
     mask = _token_mask(attention_mask, layers[0].shape[0], device)
     assignments = torch.zeros(num_experts, device=device)
@@ -101,10 +99,13 @@ def load_balancing_loss(
 
 def router_z_loss(
     router_logits_per_layer: Sequence[torch.Tensor] | torch.Tensor,
+    config,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over non-padding tokens and MoE layers of logsumexp(router logits)^2 (ST-MoE)."""
-    layers = _layers(router_logits_per_layer)
+    """Mean over non-padding tokens and MoE layers of logsumexp(router logits)^2 (ST-MoE).
+
+    Same arguments as `load_balancing_loss`."""
+    layers = _layers(router_logits_per_layer, config.num_local_experts)
     mask = _token_mask(attention_mask, layers[0].shape[0], layers[0].device)
     total = torch.zeros((), device=layers[0].device)
     for logits in layers:
