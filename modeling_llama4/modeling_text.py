@@ -29,6 +29,7 @@ from .configuration_llama4 import Llama4TextConfig
 from .decoder_layer import Llama4TextDecoderLayer
 from .moe import Llama4TextExperts, Llama4TextMoe
 from .norm import Llama4RMSNorm
+from .router_losses import load_balancing_loss, router_z_loss
 from .rope import Llama4TextRotaryEmbedding, rope_inverse_frequencies
 
 _MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
@@ -182,22 +183,14 @@ class Llama4TextModel(Llama4PreTrainedModel):
         )
 
 
-def router_aux_loss(config, router_logits: tuple, attention_mask) -> torch.Tensor | None:
-    """The configured router losses, weighted by their coefficients (None when all are off)."""
-    from .router_losses import load_balancing_loss, router_z_loss
-
-    total = None
-    if config.router_aux_loss_coef > 0:
-        total = config.router_aux_loss_coef * load_balancing_loss(router_logits, config, attention_mask)
-    if config.router_z_loss_coef > 0:
-        z = config.router_z_loss_coef * router_z_loss(router_logits, config, attention_mask)
-        total = z if total is None else total + z
-    return total
-
-
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
-    """Backbone + untied LM head. With `labels`, returns the next-token cross-entropy, plus the router
-    losses when router logits are requested (`output_router_logits`, as Mixtral does)."""
+    """Backbone + untied LM head.
+
+    With `labels`, the loss is the next-token cross-entropy, plus `router_aux_loss_coef` times the
+    load-balancing loss when router logits are requested (`output_router_logits`, as in Mixtral), plus
+    `router_z_loss_coef` times the router z-loss when that coefficient is > 0 (see router_losses.py).
+    `aux_loss` is the unweighted load-balancing loss.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -235,6 +228,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        use_z_loss = labels is not None and self.config.router_z_loss_coef > 0
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -242,21 +236,26 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
+            output_router_logits=output_router_logits or use_z_loss,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = aux_loss = None
+        router_logits = outputs.router_logits or None
+        routed_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        aux_loss = None
+        if output_router_logits and router_logits:
+            aux_loss = load_balancing_loss(router_logits, self.config, routed_mask)
+        loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if output_router_logits and outputs.router_logits:
-            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-            aux_loss = router_aux_loss(self.config, outputs.router_logits, mask)
-            if loss is not None and aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+            if use_z_loss and router_logits:
+                z_loss = router_z_loss(router_logits, self.config, routed_mask)
+                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
 
         return MoeCausalLMOutputWithPast(
             loss=loss,
@@ -265,7 +264,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
+            router_logits=router_logits if output_router_logits else None,
         )
 
 
