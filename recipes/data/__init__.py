@@ -1,0 +1,1 @@
+"""Synthetic reasoning data whose answers are verified by construction."""

@@ -1,0 +1,134 @@
+"""Arithmetic and unit-conversion word problems with worked chains of thought.
+
+Every problem is generated from its numbers, so its answer is verified by construction. The split a
+problem belongs to is a hash of its question text: a held-out ("test") question can never appear in
+"train", whatever seed or size either was generated with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
+ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
+SPLITS = ("train", "test")
+TEST_FRACTION_PER_MILLE = 100
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A question, its worked reasoning and its integer answer."""
+
+    question: str
+    reasoning: str
+    answer: int
+    family: str
+
+    @property
+    def split(self) -> str:
+        digest = hashlib.sha256(self.question.encode()).digest()
+        return "test" if int.from_bytes(digest[:4], "big") % 1000 < TEST_FRACTION_PER_MILLE else "train"
+
+    @property
+    def final(self) -> str:
+        """The assistant's visible answer: GSM8K's `#### N` so every GSM8K extractor reads it."""
+        return f"#### {self.answer}"
+
+    def gsm8k_row(self) -> dict:
+        return {"question": self.question, "answer": f"{self.reasoning}\n{self.final}"}
+
+    def messages(self) -> list[dict]:
+        return [
+            {"role": "user", "content": self.question},
+            {"role": "assistant", "reasoning": self.reasoning, "content": self.final},
+        ]
+
+
+def _add(rng: random.Random, hi: int) -> Problem:
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(1, hi), rng.randint(1, hi)
+    return Problem(
+        f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+        f"{a} + {b} = {a + b}.", a + b, "add",
+    )
+
+
+def _sub(rng: random.Random, hi: int) -> Problem:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a = rng.randint(2, hi)
+    b = rng.randint(1, a - 1)
+    return Problem(
+        f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+        f"{a} - {b} = {a - b}.", a - b, "sub",
+    )
+
+
+def _mul(rng: random.Random, hi: int) -> Problem:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, max(2, hi // 2)), rng.randint(2, 9)
+    return Problem(
+        f"{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have?",
+        f"{a} * {b} = {a * b}.", a * b, "mul",
+    )
+
+
+def _add_sub(rng: random.Random, hi: int) -> Problem:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(1, hi), rng.randint(1, hi)
+    c = rng.randint(1, a + b - 1)
+    return Problem(
+        f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?",
+        f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c, "add_sub",
+    )
+
+
+_UNITS = (("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
+          ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7))
+
+
+def _unit(rng: random.Random, hi: int) -> Problem:
+    big, small, factor = rng.choice(_UNITS)
+    a, b = rng.randint(1, max(1, hi // 2)), rng.randint(1, factor - 1)
+    return Problem(
+        f"How many {small} are in {a} {big} and {b} {small}?",
+        f"1 {big[:-1]} is {factor} {small}. {a} * {factor} = {a * factor}. {a * factor} + {b} = {a * factor + b}.",
+        a * factor + b, "unit",
+    )
+
+
+FAMILIES = {"add": _add, "sub": _sub, "mul": _mul, "add_sub": _add_sub, "unit": _unit}
+
+
+def generate_problems(
+    n: int, seed: int = 0, split: str = "train", families: tuple[str, ...] = ("add", "sub", "add_sub"),
+    max_operand: int = 20,
+) -> list[Problem]:
+    """`n` distinct problems of `split`, drawn round-robin from `families`; the same arguments always
+    give the same list."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        raise ValueError(f"unknown problem families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+    if max_operand < 2:
+        raise ValueError(f"max_operand must be >= 2, got {max_operand}")
+    rng = random.Random(f"{seed}:{split}")
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    # Each family's question space is finite: give up loudly once new questions stop coming.
+    misses = 0
+    while len(problems) < n and misses < 5_000:
+        problem = FAMILIES[families[len(problems) % len(families)]](rng, max_operand)
+        if problem.split == split and problem.question not in seen:
+            seen.add(problem.question)
+            problems.append(problem)
+            misses = 0
+        else:
+            misses += 1
+    if len(problems) < n:
+        raise ValueError(
+            f"only {len(problems)} distinct {split} problems exist for families={families} and "
+            f"max_operand={max_operand}; ask for fewer or widen max_operand"
+        )
+    return problems
