@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
 
 # Flags official preprocessor configs carry; this processor always does all of these steps.
 _ALWAYS_ON = ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
@@ -147,7 +148,7 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return resized[0].round().clamp(0, 255)
 
 
-class Llama4ImageProcessor(ImageProcessingMixin):
+class Llama4ImageProcessor(BaseImageProcessor):
     """Tiles images for Llama 4: best-fit canvas, aspect-preserving resize, zero padding,
     normalisation to [-1, 1], row-major tiles and a global thumbnail.
 

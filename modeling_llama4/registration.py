@@ -7,10 +7,22 @@ into the folder and write `auto_map` into its config.json, so the folder also lo
 `trust_remote_code=True` where this package is not installed (e.g. after a push to the Hub).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+    AutoProcessor,
+)
 
-from .configuration_llama4 import Llama4TextConfig
+from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+from .image_processing import Llama4ImageProcessor
+from .modeling_multimodal import Llama4ForConditionalGeneration
 from .modeling_text import Llama4ForCausalLM, Llama4ForSequenceClassification, Llama4TextModel
+from .modeling_vision import Llama4VisionModel
+from .processing import Llama4Processor
 
 
 def _register(config_class, models: dict) -> None:
@@ -29,3 +41,13 @@ _register(
         AutoModelForSequenceClassification: Llama4ForSequenceClassification,
     },
 )
+_register(Llama4VisionConfig, {AutoModel: Llama4VisionModel})
+# The last auto class registered is the one a saved folder's auto_map names.
+_register(
+    Llama4Config,
+    {AutoModel: Llama4ForConditionalGeneration, AutoModelForImageTextToText: Llama4ForConditionalGeneration},
+)
+AutoImageProcessor.register(Llama4Config, image_processor_classes={"pil": Llama4ImageProcessor, "torchvision": Llama4ImageProcessor}, exist_ok=True)
+Llama4ImageProcessor.register_for_auto_class("AutoImageProcessor")
+AutoProcessor.register(Llama4Config, Llama4Processor, exist_ok=True)
+Llama4Processor.register_for_auto_class("AutoProcessor")
