@@ -15,7 +15,9 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoProcessor,
+    AutoTokenizer,
 )
+from tokenizer import Llama4Tokenizer
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .image_processing import Llama4ImageProcessor
@@ -51,3 +53,7 @@ AutoImageProcessor.register(Llama4Config, image_processor_classes={"pil": Llama4
 Llama4ImageProcessor.register_for_auto_class("AutoImageProcessor")
 AutoProcessor.register(Llama4Config, Llama4Processor, exist_ok=True)
 Llama4Processor.register_for_auto_class("AutoProcessor")
+# The tokenizer lives in the sibling `tokenizer` package (light: no model code), keyed on our configs so a
+# saved model folder's AutoTokenizer resolves to it even where only modeling_llama4 was imported.
+AutoTokenizer.register(Llama4TextConfig, tokenizer_class=Llama4Tokenizer, exist_ok=True)
+AutoTokenizer.register(Llama4Config, tokenizer_class=Llama4Tokenizer, exist_ok=True)
