@@ -172,6 +172,8 @@ class Llama4TextConfig(PreTrainedConfig):
         if isinstance(eos_token_id, tuple):
             eos_token_id = list(eos_token_id)
         self.auto_map = _own_auto_map(kwargs)
+        # Before transformers' own checks, which would report some of the same problems less clearly.
+        self.validate_architecture()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -179,7 +181,6 @@ class Llama4TextConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_architecture()
 
     def validate_architecture(self) -> None:
         """Raise a ValueError naming the field and the fix for a config no model can be built from."""
