@@ -3,25 +3,16 @@
 ``load_tokenizer()`` returns the shipped default (4096 BPE ranks + specials at 4096..6143, sized for
 the ``tiny`` model preset); ``load_tokenizer(path)`` any folder this package saved. Importing the package
 makes ``AutoTokenizer.from_pretrained`` resolve ``"tokenizer_class": "Llama4Tokenizer"`` to our class.
-Chat entry points are described in ``tokenizer.tokenization_llama4``.
+The special-token table is ``tokenizer.special_tokens.SPECIAL_TOKEN_NAMES`` (offset i -> name; id =
+number of BPE ranks + i). Chat entry points are described in ``tokenizer.tokenization_llama4``.
 """
 
 from pathlib import Path
-
-from transformers.models.auto import tokenization_auto
 
 from .special_tokens import NUM_SPECIAL_TOKENS, SPECIAL_TOKEN_NAMES, special_token_ids
 from .tokenization_llama4 import ChatRendering, ChatSegment, Llama4Tokenizer
 
 DEFAULT_TOKENIZER_DIR = str(Path(__file__).resolve().parent / "default")
-
-special_tokens = SPECIAL_TOKEN_NAMES
-
-# AutoTokenizer.register needs a config class, and the configs live in modeling_llama4, which imports
-# torch models; registering the class name alone is what `tokenizer_class` in tokenizer_config.json needs.
-# (modeling_llama4's registration maps its config classes to this tokenizer as well.)
-tokenization_auto.REGISTERED_TOKENIZER_CLASSES[Llama4Tokenizer.__name__] = Llama4Tokenizer
-Llama4Tokenizer.register_for_auto_class("AutoTokenizer")
 
 
 def load_tokenizer(path: str | Path | None = None) -> Llama4Tokenizer:
@@ -33,5 +24,5 @@ def load_tokenizer(path: str | Path | None = None) -> Llama4Tokenizer:
     return Llama4Tokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-__all__ = ["DEFAULT_TOKENIZER_DIR", "NUM_SPECIAL_TOKENS", "ChatRendering", "ChatSegment", "Llama4Tokenizer",
-           "load_tokenizer", "special_token_ids", "special_tokens"]
+__all__ = ["DEFAULT_TOKENIZER_DIR", "NUM_SPECIAL_TOKENS", "SPECIAL_TOKEN_NAMES", "ChatRendering", "ChatSegment",
+           "Llama4Tokenizer", "load_tokenizer", "special_token_ids"]

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import BatchEncoding, PreTrainedTokenizerFast
+from transformers.models.auto import tokenization_auto
 from transformers.utils import get_json_schema
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -223,6 +224,14 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
             ids.extend(piece)
             mask.extend([int(segment.assistant)] * len(piece))
         return ids, mask
+
+
+# AutoTokenizer.register needs a config class, and the configs live in modeling_llama4, which imports the
+# models; `tokenizer_class` in tokenizer_config.json needs only the class name registered, so that is done
+# here (modeling_llama4's registration also keys its configs to this class). Saved folders get an auto_map
+# and a copy of this module, for `trust_remote_code=True` where the package is not installed.
+tokenization_auto.REGISTERED_TOKENIZER_CLASSES[Llama4Tokenizer.__name__] = Llama4Tokenizer
+Llama4Tokenizer.register_for_auto_class("AutoTokenizer")
 
 
 def _as_batch(conversation) -> tuple[list, bool]:
