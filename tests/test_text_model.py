@@ -29,55 +29,6 @@ def _prompt(length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("pattern, attn", [("scout", "sdpa"), ("maverick", "eager")])
-def test_greedy_generation_matches_transformers_token_for_token(pattern, attn):
-    model = our_model(tiny_config(pattern, attn))
-    reference = reference_twin(model)
-    prompt = _prompt(10, seed=2)
-    settings = dict(max_new_tokens=30, do_sample=False, min_new_tokens=30, attention_mask=torch.ones_like(prompt))
-    ours = model.generate(prompt, **settings)
-    theirs = reference.generate(prompt, **settings)
-    assert ours.shape == (1, 40)  # past four chunk boundaries
-    assert torch.equal(ours, theirs)
-    # Sampling runs through the same cache path: top-1 sampling must reproduce greedy decoding.
-    sampled = model.generate(prompt, **{**settings, "do_sample": True, "top_k": 1})
-    assert torch.equal(sampled, ours)
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_incremental_decoding_equals_full_forward_across_chunks(attn):
-    model = our_model(tiny_config("scout", attn))
-    ids = _prompt(29, seed=3)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :5], use_cache=True)  # a prefill that stops mid-chunk
-        steps, cache = [out.logits], out.cache
-        for start, stop in [(5, 6), (6, 7), (7, 11), *[(i, i + 1) for i in range(11, 29)]]:
-            out = model(ids[:, start:stop], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.cache
-    assert max_diff(torch.cat(steps, dim=1), full) <= TOLERANCE
-    # Chunked layers keep at most one chunk of keys (chunk_size - 1 past tokens), NoPE layers all.
-    chunked = [i for i, kind in enumerate(model.config.layer_types) if kind == "chunked_attention"]
-    assert all(cache.layers[i].keys.shape[-2] == 7 for i in chunked)
-    assert cache.layers[3].keys.shape[-2] == 29
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(attn):
-    model = our_model(tiny_config("scout", attn))
-    prompts = [_prompt(length, seed=10 + length)[0] for length in (4, 11, 19)]
-    width = max(len(p) for p in prompts)
-    pad = model.config.pad_token_id
-    batch = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
-    settings = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False)
-    together = model.generate(batch, attention_mask=mask, **settings)[:, width:]
-    for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **settings)
-        assert torch.equal(together[row], alone[0, len(prompt):]), f"prompt {row} (length {len(prompt)})"
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_documents_never_attend_to_each_other(attn):
     model = our_model(tiny_config("maverick", attn))
@@ -169,3 +120,34 @@ def test_inputs_embeds_give_the_same_logits_as_input_ids():
         by_ids = model(ids).logits
         by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
     assert torch.equal(by_ids, by_embeds)
+
+
+def test_sequence_classification_scores_the_last_real_token():
+    from modeling_llama4 import Llama4ForSequenceClassification
+
+    config = tiny_config("scout", "sdpa", num_labels=3)
+    torch.manual_seed(0)
+    model = Llama4ForSequenceClassification(config).eval()
+    short, long = _prompt(6, seed=20)[0], _prompt(17, seed=21)[0]
+    pad = config.pad_token_id
+    batch = torch.stack([torch.cat([short, torch.full((11,), pad)]), long])  # right padding, as TRL pads
+    mask = (batch != pad).long()
+    with torch.no_grad():
+        alone = [model.model(seq[None]).last_hidden_state[0, -1] for seq in (short, long)]
+        expected = model.score(torch.stack(alone))
+        by_mask = model(batch, attention_mask=mask).logits
+        by_pad_id = model(batch).logits
+    assert by_mask.shape == (2, 3)
+    assert max_diff(by_mask, expected) <= TOLERANCE and max_diff(by_pad_id, expected) <= TOLERANCE
+    labels = torch.tensor([2, 0])
+    loss = model(batch, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(by_mask, labels), atol=1e-6)
+
+
+def test_sequence_classification_needs_a_way_to_find_padding():
+    from modeling_llama4 import Llama4ForSequenceClassification
+
+    model = Llama4ForSequenceClassification(tiny_config("dense", "sdpa", pad_token_id=None)).eval()
+    embeds = model.model.embed_tokens(_prompt(8, seed=22).repeat(2, 1))
+    with pytest.raises(ValueError, match="pass an attention_mask"):
+        model(inputs_embeds=embeds)
