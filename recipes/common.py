@@ -1,0 +1,201 @@
+"""What every recipe script shares: arguments, tokenizer, model, LoRA, data, training and saving.
+
+A script is `parse_recipe` -> `build_*` -> its TRL trainer -> `train_and_save`; the method-specific
+part (trainer class, dataset format, rewards) stays in the script.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from peft import LoraConfig
+from transformers import AutoConfig, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, TrlParser
+
+import modeling_llama4  # noqa: F401  registers the model types in every launched process
+from modeling_llama4 import (
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
+    Llama4ForSequenceClassification,
+    Llama4TextConfig,
+)
+from tokenizer import load_tokenizer
+
+from .data.arithmetic import FAMILIES, generate_problems
+
+logger = logging.getLogger("recipes")
+
+MODEL_CLASSES = {
+    "causal_lm": Llama4ForCausalLM,
+    "conditional_generation": Llama4ForConditionalGeneration,
+    "sequence_classification": Llama4ForSequenceClassification,
+}
+# Attention and the shared expert/dense MLP as modules; the fused routed experts as parameters.
+# Never the router (its top-k needs the raw module) nor lm_head (TRL reads its weight directly).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+LORA_EXCLUDED = r".*(router|lm_head|vision_model|multi_modal_projector|score).*"
+
+
+@dataclass
+class RecipeArguments:
+    """Arguments every recipe takes besides TRL's trainer config and model config."""
+
+    model_preset: str = field(default="tiny", metadata={
+        "help": "Preset to build a freshly initialised model from when model_name_or_path is not set: tiny, scout, maverick."})
+    model_class: str = field(default="causal_lm", metadata={
+        "help": f"Model head: one of {sorted(MODEL_CLASSES)}."})
+    model_overrides: dict = field(default_factory=dict, metadata={
+        "help": "Text-config fields overriding the preset, e.g. {num_hidden_layers: 2}."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer folder; default: the model folder if it has one, else the shipped tokenizer."})
+    dataset_name: str = field(default="arithmetic", metadata={
+        "help": "'arithmetic' (synthetic word problems) or a local .jsonl/.json/.parquet file or save_to_disk folder."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of a local dataset to train on."})
+    num_train_examples: int = field(default=2000, metadata={"help": "Synthetic training problems to generate."})
+    problem_families: list[str] = field(default_factory=lambda: ["add", "sub", "add_sub"], metadata={
+        "help": f"Synthetic problem families, from {sorted(FAMILIES)}."})
+    max_operand: int = field(default=20, metadata={"help": "Largest number in a synthetic question."})
+    problem_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data generator."})
+    lora_experts: bool = field(default=True, metadata={
+        "help": "With use_peft: also adapt the fused routed experts through PEFT target_parameters."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Build the model on the meta device, apply the method and LoRA, print parameter counts and a "
+                "per-GPU memory estimate, and exit without training."})
+    accelerate_config: str | None = field(default=None, metadata={
+        "help": "Accelerate config the dry run estimates memory for (default: one process, no sharding)."})
+
+    def __post_init__(self):
+        if self.model_class not in MODEL_CLASSES:
+            raise ValueError(f"model_class must be one of {sorted(MODEL_CLASSES)}, got {self.model_class!r}")
+        unknown = set(self.problem_families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown problem_families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+
+
+def parse_recipe(training_config_class, arguments_class=RecipeArguments, args=None):
+    """(recipe arguments, TRL training config, model config) from `--config YAML` plus CLI overrides;
+    an unknown key in either is an error, so a stale or misspelt setting never goes unnoticed."""
+    parser = TrlParser((arguments_class, training_config_class, ModelConfig))
+    recipe_args, training_args, model_args = parser.parse_args_and_config(args=args)
+    if model_args.use_peft and recipe_args.lora_experts and model_args.lora_dropout != 0:
+        raise ValueError("LoRA on the fused experts (lora_experts: true) needs lora_dropout: 0; PEFT's parameter "
+                         f"adapters do not support dropout (got {model_args.lora_dropout})")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return recipe_args, training_args, model_args
+
+
+def build_tokenizer(recipe_args: RecipeArguments, model_args: ModelConfig):
+    path = recipe_args.tokenizer_name_or_path
+    if path is None and model_args.model_name_or_path and (Path(model_args.model_name_or_path) / "tokenizer.json").is_file():
+        path = model_args.model_name_or_path
+    return load_tokenizer(path)
+
+
+def model_config(recipe_args: RecipeArguments, model_args: ModelConfig):
+    """The config of the model a recipe trains: the saved one, or the preset with overrides."""
+    if model_args.model_name_or_path:
+        return AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if recipe_args.model_class == "conditional_generation":
+        text = Llama4TextConfig.from_preset(recipe_args.model_preset, **recipe_args.model_overrides)
+        return Llama4Config.from_preset(recipe_args.model_preset, text_config=text)
+    extra = {"num_labels": 1} if recipe_args.model_class == "sequence_classification" else {}
+    return Llama4TextConfig.from_preset(recipe_args.model_preset, **recipe_args.model_overrides, **extra)
+
+
+def _dtype(model_args: ModelConfig):
+    if model_args.dtype in (None, "auto"):
+        return torch.float32
+    return getattr(torch, model_args.dtype)
+
+
+def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_args, tokenizer):
+    """The model to train: loaded from `model_name_or_path`, else freshly initialised (seeded) from the preset."""
+    model_class = MODEL_CLASSES[recipe_args.model_class]
+    if model_args.model_name_or_path:
+        kwargs = {"num_labels": 1} if recipe_args.model_class == "sequence_classification" else {}
+        model = model_class.from_pretrained(model_args.model_name_or_path, dtype=_dtype(model_args), **kwargs)
+    else:
+        set_seed(training_args.seed)
+        model = model_class(model_config(recipe_args, model_args)).to(_dtype(model_args))
+    text_config = model.config.get_text_config()
+    if text_config.vocab_size < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{text_config.vocab_size}; use a matching tokenizer or preset")
+    text_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def reference_model(model, model_args: ModelConfig):
+    """A frozen copy of the starting policy for DPO; None with LoRA (the base with adapters off is the reference)."""
+    if model_args.use_peft:
+        return None
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def lora_config(recipe_args: RecipeArguments, model_args: ModelConfig, task_type: str = "CAUSAL_LM") -> LoraConfig | None:
+    if not model_args.use_peft:
+        return None
+    experts = list(model_args.lora_target_parameters or (LORA_EXPERT_PARAMETERS if recipe_args.lora_experts else []))
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(model_args.lora_target_modules or LORA_TARGET_MODULES),
+        target_parameters=experts or None,
+        exclude_modules=LORA_EXCLUDED,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        task_type=task_type,
+    )
+
+
+def local_dataset(recipe_args: RecipeArguments) -> datasets.Dataset:
+    path = Path(recipe_args.dataset_name)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+    elif path.suffix in (".jsonl", ".json", ".parquet"):
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        loaded = datasets.load_dataset(kind, data_files={recipe_args.dataset_train_split: str(path)})
+    else:
+        raise ValueError(f"dataset_name {recipe_args.dataset_name!r} is neither 'arithmetic' nor a local "
+                         ".jsonl/.json/.parquet file or save_to_disk folder")
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[recipe_args.dataset_train_split]
+    return loaded
+
+
+def synthetic_problems(recipe_args: RecipeArguments):
+    return generate_problems(recipe_args.num_train_examples, seed=recipe_args.problem_seed, split="train",
+                             families=tuple(recipe_args.problem_families), max_operand=recipe_args.max_operand)
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """`resume_from_checkpoint`: a path, or `last`/`true` for the newest checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() not in ("last", "true"):
+        return value
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is None:
+        logger.info("no checkpoint in %s: starting from scratch", training_args.output_dir)
+    return last
+
+
+def train_and_save(trainer, training_args) -> dict:
+    """Train (resuming when asked), then save the model as safetensors with its tokenizer and chat template."""
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        logger.info("saved to %s after %d steps", training_args.output_dir, trainer.state.global_step)
+    return result.metrics

@@ -1,0 +1,48 @@
+"""Preference pairs for DPO and reward modelling: a verified chain (chosen) against the same chain
+with one arithmetic step corrupted and the error carried to the final answer (rejected)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from .arithmetic import Problem
+
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def corrupt(problem: Problem, rng: random.Random) -> Problem:
+    """The problem with a wrong chain: one step's result is off by 1-3, and every later step that
+    starts from that result is recomputed from it, so the chain stays self-consistent but ends wrong."""
+    steps = [list(m.groups()) for m in _STEP.finditer(problem.reasoning)]
+    if not steps:
+        raise ValueError(f"no 'a op b = c' step to corrupt in {problem.reasoning!r}")
+    bad = rng.randrange(len(steps))
+    carried: dict[str, str] = {}
+    for i, (a, op, b, c) in enumerate(steps):
+        a = carried.get(a, a)  # the generators' chains carry a result as the next step's left operand
+        value = _OPS[op](int(a), int(b))
+        if i == bad:
+            # Never land on the true value or below zero: the rejected answer must be wrong.
+            value += rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0])
+        if str(value) != c:
+            carried[c] = str(value)
+        steps[i] = [a, op, b, str(value)]
+    pieces = iter(steps)
+    reasoning = _STEP.sub(lambda _: "{} {} {} = {}".format(*next(pieces)), problem.reasoning)
+    return Problem(problem.question, reasoning, int(steps[-1][3]), problem.family)
+
+
+def preference_rows(problems: list[Problem], seed: int = 0) -> list[dict]:
+    """Conversational `prompt`/`chosen`/`rejected` rows (TRL's preference format)."""
+    rng = random.Random(seed)
+    rows = []
+    for problem in problems:
+        wrong = corrupt(problem, rng)
+        rows.append({
+            "prompt": problem.messages()[:1],
+            "chosen": problem.messages()[1:],
+            "rejected": wrong.messages()[1:],
+        })
+    return rows
