@@ -59,3 +59,16 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(attn):
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **settings)
         assert torch.equal(together[row], alone[0, len(prompt):]), f"prompt {row} (length {len(prompt)})"
+
+
+def test_left_padded_batch_matches_transformers_while_temperature_tuning_is_flat():
+    # transformers takes the NoPE temperature position from the cache length (pads included) while
+    # this package takes it from position_ids; below floor_scale both scales are 1, and the chunk
+    # boundaries (counted from the first real token by transformers' mask) must then agree exactly.
+    model = our_model(tiny_config("scout", "sdpa", floor_scale=8192))
+    reference = reference_twin(model)
+    prompts = [_prompt(length, seed=30 + length)[0] for length in (5, 13)]
+    batch = torch.stack([torch.cat([torch.zeros(8, dtype=torch.long), prompts[0]]), prompts[1]])
+    mask = (torch.arange(13)[None] >= torch.tensor([[8], [0]])).long()
+    settings = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(model.generate(batch, **settings), reference.generate(batch, **settings))

@@ -1,11 +1,11 @@
-"""The text model against transformers' Llama4ForCausalLM (same weights, fp32) and against itself
-(cache, padding, packing, checkpointing)."""
+"""The text model's forward pass: parity with transformers' Llama4ForCausalLM (same weights, fp32),
+packing, checkpointing, router outputs and losses, input checks, the sequence-classification head."""
 
 import pytest
 import torch
 from text_factory import our_model, reference_twin, tiny_config
 
-from modeling_llama4 import Llama4ForCausalLM
+from modeling_llama4 import Llama4ForSequenceClassification
 
 TOLERANCE = 1e-4
 
@@ -123,8 +123,6 @@ def test_inputs_embeds_give_the_same_logits_as_input_ids():
 
 
 def test_sequence_classification_scores_the_last_real_token():
-    from modeling_llama4 import Llama4ForSequenceClassification
-
     config = tiny_config("scout", "sdpa", num_labels=3)
     torch.manual_seed(0)
     model = Llama4ForSequenceClassification(config).eval()
@@ -145,8 +143,6 @@ def test_sequence_classification_scores_the_last_real_token():
 
 
 def test_sequence_classification_needs_a_way_to_find_padding():
-    from modeling_llama4 import Llama4ForSequenceClassification
-
     model = Llama4ForSequenceClassification(tiny_config("dense", "sdpa", pad_token_id=None)).eval()
     embeds = model.model.embed_tokens(_prompt(8, seed=22).repeat(2, 1))
     with pytest.raises(ValueError, match="pass an attention_mask"):
