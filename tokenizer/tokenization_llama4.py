@@ -188,7 +188,8 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
         messages = _messages(conversation)
         originals: list[str] = []
         hidden_messages = [_hide_strings(message, originals) for message in messages]
-        hidden_tools = None if tools is None else [_hide_strings(_tool_schema(tool), originals) for tool in tools]
+        hidden_tools = None if tools is None else [_hide_strings(_tool_schema(tool), originals, in_json=True)
+                                                   for tool in tools]
         template = self.get_chat_template(chat_template, tools)
         has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
         rendered, spans = render_jinja_template(
@@ -272,24 +273,31 @@ def _serialise_arguments(call: Mapping) -> Mapping:
     return call
 
 
-def _tool_schema(tool) -> Any:
+def _tool_schema(tool) -> Mapping:
     if isfunction(tool) or ismethod(tool):
         tool = get_json_schema(tool)
-    if not isinstance(tool, (Mapping, str)):
+    if not isinstance(tool, Mapping):
         raise TypeError(f"tools must be JSON-schema dicts or functions with type hints and docstrings, got {tool!r}")
-    return tool if isinstance(tool, str) else json.dumps(tool, ensure_ascii=False)
+    return tool
 
 
-def _hide_strings(value, originals: list[str]):
-    """Swap every string (except structural keys' values) for a placeholder indexing ``originals``."""
+def _hide_strings(value, originals: list[str], in_json: bool = False):
+    """Swap every string (except structural keys' values) for a placeholder indexing ``originals``.
+
+    Inside a tool schema, which the template writes with ``tojson``, the placeholder sits between the JSON
+    quotes, so the original is stored JSON-escaped; the schema's keys stay template text and must not
+    contain special-token strings.
+    """
     if isinstance(value, str):
-        originals.append(value)
+        originals.append(json.dumps(value, ensure_ascii=False)[1:-1] if in_json else value)
         return f"\ue000{len(originals) - 1}\ue001"
     if isinstance(value, Mapping):
-        return {key: item if key in _STRUCTURAL_KEYS else _hide_strings(item, originals)
+        if in_json and any("<|" in str(key) for key in value):
+            raise ValueError(f"tool schema keys {list(value)} contain '<|'; keys are written as template text")
+        return {key: item if key in _STRUCTURAL_KEYS and not in_json else _hide_strings(item, originals, in_json)
                 for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_hide_strings(item, originals) for item in value]
+        return [_hide_strings(item, originals, in_json) for item in value]
     return value
 
 
