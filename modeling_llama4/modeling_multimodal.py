@@ -43,9 +43,10 @@ class Llama4MultiModalProjector(nn.Module):
 class Llama4MultimodalBackbone(nn.Module):
     """Image fusion + text decoder, returning `last_hidden_state` (no LM head).
 
-    A view over a `Llama4ForConditionalGeneration`: it holds the model by reference without
-    registering it, so it adds nothing to any state dict and always sees the model's current
-    submodules (after PEFT, FSDP or `.to()`)."""
+    A view over a `Llama4ForConditionalGeneration`, made afresh on each access: it shares the
+    model's submodules (so `parameters()` and the device are the model's) but is not itself
+    registered on the model, so it adds nothing to the model's state dict, and it always sees the
+    model's current submodules (after PEFT, FSDP or `.to()`)."""
 
     _tp_plan = None
     _pp_plan = None
@@ -54,6 +55,9 @@ class Llama4MultimodalBackbone(nn.Module):
         super().__init__()
         object.__setattr__(self, "_owner", owner)
         self.config = owner.config
+        self.vision_model = owner.vision_model
+        self.multi_modal_projector = owner.multi_modal_projector
+        self.language_model = owner.language_model
         self.training = owner.training
 
     def get_input_embeddings(self) -> nn.Embedding:
