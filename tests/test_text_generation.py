@@ -25,6 +25,9 @@ def test_greedy_generation_matches_transformers_token_for_token(pattern, attn):
     # Sampling runs through the same cache path: top-1 sampling must reproduce greedy decoding.
     sampled = model.generate(prompt, **{**settings, "do_sample": True, "top_k": 1})
     assert torch.equal(sampled, ours)
+    # A static cache (fixed-size sliding layers) and no cache at all decode the same tokens.
+    assert torch.equal(model.generate(prompt, **settings, cache_implementation="static"), ours)
+    assert torch.equal(model.generate(prompt, **settings, use_cache=False), ours)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

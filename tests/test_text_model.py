@@ -5,7 +5,7 @@ import pytest
 import torch
 from text_factory import our_model, reference_twin, tiny_config
 
-from modeling_llama4 import Llama4ForSequenceClassification
+from modeling_llama4 import Llama4ForCausalLM, Llama4ForSequenceClassification
 
 TOLERANCE = 1e-4
 
@@ -147,3 +147,21 @@ def test_sequence_classification_needs_a_way_to_find_padding():
     embeds = model.model.embed_tokens(_prompt(8, seed=22).repeat(2, 1))
     with pytest.raises(ValueError, match="pass an attention_mask"):
         model(inputs_embeds=embeds)
+
+
+def test_a_meta_device_model_is_fully_initialised_by_init_weights():
+    # The path of FSDP / accelerate empty-weight loading: nothing may stay uninitialised memory,
+    # including the bare 3-D expert tensors, the balancing bias and the RoPE frequencies.
+    from modeling_llama4.rope import rope_inverse_frequencies
+
+    config = tiny_config("scout", "sdpa", moe_load_balancing="aux_loss_free", initializer_range=0.1)
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    moe = model.model.layers[0].feed_forward
+    for weight in (moe.experts.gate_up_proj, moe.experts.down_proj, model.lm_head.weight):
+        assert abs(weight.std().item() - 0.1) < 0.01
+    assert torch.equal(moe.expert_bias, torch.zeros(4))
+    assert torch.equal(model.model.norm.weight, torch.ones(64))
+    assert torch.equal(model.model.rotary_emb.inv_freq, rope_inverse_frequencies(config.rope_parameters, 16))
