@@ -155,9 +155,23 @@ def _launch(level: str, host_dir: str, limits: Limits, timeout: float):
     return proc, read_fd
 
 
+def _world_executable(path: str) -> bool:
+    """Whether a user with no rights of its own can reach and run `path`."""
+    current = "/"
+    for part in [p for p in os.path.realpath(path).split("/") if p]:
+        if not os.stat(current).st_mode & 0o001:
+            return False
+        current = os.path.join(current, part)
+    return bool(os.stat(current).st_mode & 0o001)
+
+
 def _launch_plain(host_dir: str, limits: Limits, timeout: float):
-    rl = _rlimits(limits, timeout, count_processes=os.geteuid() == 0)
-    drop = os.geteuid() == 0
+    # Without a mount namespace the interpreter cannot be exposed: if only root can reach it, keep root's uid.
+    drop = os.geteuid() == 0 and _world_executable(sys.executable)
+    if os.geteuid() == 0 and not drop:
+        warnings.warn(f"sandbox: {sys.executable} is not reachable by an unprivileged user, so programs run as root",
+                      stacklevel=3)
+    rl = _rlimits(limits, timeout, count_processes=drop)
     uid = _sandbox_uid() if drop else None
     if drop:
         os.chown(host_dir, uid, uid)
