@@ -20,6 +20,8 @@ from .configuration_llama4 import Llama4TextConfig
 from .mlp import Llama4TextMLP
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# Up to this many (token, expert) pairs, decoding skips the sort/gather/scatter machinery.
+_DIRECT_PAIRS = 4
 
 
 class Llama4Router(nn.Linear):
@@ -123,6 +125,11 @@ class Llama4TextExperts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return _LoopGroupedMatmul.apply(F.silu(gate) * up, self.down_proj, counts)
 
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of rows `x` (n, D) through expert `index` alone."""
+        gate, up = (x @ self.gate_up_proj[index]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[index]
+
     def forward_all(self, scaled_in: torch.Tensor) -> torch.Tensor:
         """Every expert on its own input: `scaled_in` (E, N, D) -> (E, N, D). Static shapes (for
         compilers and graph capture) at E times the routed work."""
@@ -154,9 +161,9 @@ class Llama4TextMoe(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_local_experts))
         else:
             self.expert_bias = None
-        # Tokens routed to each expert by the latest forward (padding included), for logging; a plain
-        # attribute, not a buffer, so that dtype casts and meta-device loading leave it alone.
-        self.last_expert_load: torch.Tensor | None = None
+        # The latest forward's expert choices (N, top_k), kept for `last_expert_load`; a plain attribute,
+        # not a buffer, so that dtype casts and meta-device loading leave it alone.
+        self._last_selection: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_dim:
@@ -172,23 +179,33 @@ class Llama4TextMoe(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         router_logits = self.router(router_in)
         scores, experts = route(router_logits, self.top_k, self.expert_bias)
-
-        flat_experts = experts.reshape(-1)
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
-        self._record_load(tokens_per_expert)
+        self._last_selection = experts.detach()
 
         implementation = self._implementation(x)
         if implementation == "dense":
-            routed = self._dense_routed(x, scores, experts)
-            out = self.shared_expert(x) + routed
+            self._update_expert_bias(None)
+            out = self.shared_expert(x) + self._routed_dense(x, scores, experts)
+        elif implementation == "loop" and experts.numel() <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
+            self._update_expert_bias(None)
+            out = self.shared_expert(x) + self._routed_direct(x, scores, experts)
         else:
+            flat_experts = experts.reshape(-1)
+            tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
+            self._update_expert_bias(tokens_per_expert)
             # Stable sort keeps each expert's tokens in sequence order (deterministic accumulation).
             order = flat_experts.argsort(stable=True)
             token_of_slot = order // self.top_k
-            routed_in = x[token_of_slot] * scores.reshape(-1, 1)[order]
+            routed_in = x.index_select(0, token_of_slot) * scores.reshape(-1, 1).index_select(0, order)
             routed_out = self.experts(routed_in, tokens_per_expert, implementation)
             out = self.shared_expert(x).index_add(0, token_of_slot, routed_out)
         return out.reshape(batch, seq_len, self.hidden_dim), router_logits
+
+    @property
+    def last_expert_load(self) -> torch.Tensor | None:
+        """Tokens routed to each expert (E,) by the latest forward, padding included; None before any."""
+        if self._last_selection is None:
+            return None
+        return torch.bincount(self._last_selection.reshape(-1), minlength=self.num_experts)
 
     def _implementation(self, x: torch.Tensor) -> str:
         if self.implementation != "auto":
@@ -204,18 +221,35 @@ class Llama4TextMoe(nn.Module):
             return "grouped_mm"
         return "loop"
 
-    def _dense_routed(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _expert_weights_need_grad(self) -> bool:
+        return torch.is_grad_enabled() and (
+            self.experts.gate_up_proj.requires_grad or self.experts.down_proj.requires_grad
+        )
+
+    def _routed_direct(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Decoding a handful of tokens: each (token, expert) pair straight through that expert's
+        weights, with no sort, gather or scatter (their fixed costs dominate at this size)."""
+        scaled_in = (x.unsqueeze(1) * scores.unsqueeze(-1)).reshape(-1, self.hidden_dim)
+        pairs = [
+            self.experts.expert(expert, scaled_in[slot : slot + 1])
+            for slot, expert in enumerate(experts.reshape(-1).tolist())
+        ]
+        return torch.cat(pairs).view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
+
+    def _routed_dense(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
         dense_scores = dense_scores.scatter(1, experts, scores)
         scaled_in = x.unsqueeze(0) * dense_scores.t().unsqueeze(-1)
         return self.experts.forward_all(scaled_in).sum(0)
 
     @torch.no_grad()
-    def _record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        self.last_expert_load = tokens_per_expert
+    def _update_expert_bias(self, tokens_per_expert: torch.Tensor | None) -> None:
+        """DeepSeek-V3 aux-loss-free balancing, once per training forward (not again when gradient
+        checkpointing recomputes it): raise the bias of under-loaded experts, lower the others."""
         if self.expert_bias is None or not self.training or not torch.is_grad_enabled() or _in_backward_pass():
             return
-        # DeepSeek-V3 aux-loss-free balancing: nudge under-loaded experts up, over-loaded ones down.
+        if tokens_per_expert is None:
+            tokens_per_expert = self.last_expert_load
         load = tokens_per_expert.to(self.expert_bias.dtype)
         self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
 
