@@ -27,6 +27,7 @@ from modeling_llama4 import (
     Llama4ForSequenceClassification,
     Llama4TextConfig,
 )
+from eval.tasks.gsm8k import CHAT_INSTRUCTION
 from tokenizer import load_tokenizer
 
 from .data.arithmetic import FAMILIES, generate_problems
@@ -42,6 +43,7 @@ MODEL_CLASSES = {
 # Never the router (its top-k needs the raw module) nor lm_head (TRL reads its weight directly).
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+PROMPT_TEMPLATES = {"plain": "{question}", "gsm8k_chat": CHAT_INSTRUCTION}
 LORA_EXCLUDED = r".*(router|lm_head|vision_model|multi_modal_projector|score).*"
 
 
@@ -65,6 +67,9 @@ class RecipeArguments:
         "help": f"Synthetic problem families, from {sorted(FAMILIES)}."})
     max_operand: int = field(default=20, metadata={"help": "Largest number in a synthetic question."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data generator."})
+    prompt_style: str = field(default="gsm8k_chat", metadata={
+        "help": "User turn of a synthetic problem: 'plain' (the question) or 'gsm8k_chat' (the eval harness's "
+                "gsm8k_chat instruction around it, so training and scoring prompts agree)."})
     lora_experts: bool = field(default=True, metadata={
         "help": "With use_peft: also adapt the fused routed experts through PEFT target_parameters."})
     dry_run: bool = field(default=False, metadata={
@@ -76,6 +81,8 @@ class RecipeArguments:
     def __post_init__(self):
         if self.model_class not in MODEL_CLASSES:
             raise ValueError(f"model_class must be one of {sorted(MODEL_CLASSES)}, got {self.model_class!r}")
+        if self.prompt_style not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_style must be one of {sorted(PROMPT_TEMPLATES)}, got {self.prompt_style!r}")
         unknown = set(self.problem_families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown problem_families {sorted(unknown)}; choose from {sorted(FAMILIES)}")

@@ -28,9 +28,14 @@ def split_completion(text: str) -> tuple[str | None, str]:
     return reasoning.replace(THINK_START, "").strip(), answer.strip()
 
 
+_FINAL_MARKERS = ("####", "The final answer is")
+
+
 def final_answer(text: str) -> str:
-    """The answer a solution commits to: what follows the last GSM8K `####` marker, else all of it."""
-    return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
+    """The answer a solution commits to: what follows the last GSM8K `####` or Llama's "The final
+    answer is", else all of it."""
+    start = max((text.rfind(m) + len(m) for m in _FINAL_MARKERS if m in text), default=0)
+    return text[start:].strip().rstrip(".").strip()
 
 
 def accuracy_reward(completions: Sequence[str], answer: Sequence[str], **_) -> list[float | None]:

@@ -11,6 +11,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from recipes.common import (
+    PROMPT_TEMPLATES,
     build_model,
     build_tokenizer,
     local_dataset,
@@ -24,7 +25,8 @@ from recipes.dry_run import dry_run
 
 def sft_dataset(recipe_args) -> Dataset:
     if recipe_args.dataset_name == "arithmetic":
-        return Dataset.from_list([{"messages": p.messages()} for p in synthetic_problems(recipe_args)])
+        template = PROMPT_TEMPLATES[recipe_args.prompt_style]
+        return Dataset.from_list([{"messages": p.messages(template)} for p in synthetic_problems(recipe_args)])
     return local_dataset(recipe_args)
 
 

@@ -33,17 +33,19 @@ class Problem:
 
     @property
     def final(self) -> str:
-        """The assistant's visible answer: GSM8K's `#### N` so every GSM8K extractor reads it."""
-        return f"#### {self.answer}"
+        """The assistant's visible answer, in the words Llama's GSM8K chat prompt asks for."""
+        return f"The final answer is {self.answer}"
 
     def gsm8k_row(self) -> dict:
-        return {"question": self.question, "answer": f"{self.reasoning}\n{self.final}"}
+        """The problem in GSM8K's layout (worked solution ending `#### N`), for the eval harness."""
+        return {"question": self.question, "answer": f"{self.reasoning}\n#### {self.answer}"}
 
-    def messages(self) -> list[dict]:
-        return [
-            {"role": "user", "content": self.question},
-            {"role": "assistant", "reasoning": self.reasoning, "content": self.final},
-        ]
+    def prompt(self, template: str = "{question}") -> list[dict]:
+        return [{"role": "user", "content": template.format(question=self.question)}]
+
+    def messages(self, template: str = "{question}") -> list[dict]:
+        """The user turn (the question through `template`) and the assistant's reasoning and answer."""
+        return [*self.prompt(template), {"role": "assistant", "reasoning": self.reasoning, "content": self.final}]
 
 
 def _add(rng: random.Random, hi: int) -> Problem:

@@ -34,14 +34,14 @@ def corrupt(problem: Problem, rng: random.Random) -> Problem:
     return Problem(problem.question, reasoning, int(steps[-1][3]), problem.family)
 
 
-def preference_rows(problems: list[Problem], seed: int = 0) -> list[dict]:
-    """Conversational `prompt`/`chosen`/`rejected` rows (TRL's preference format)."""
+def preference_rows(problems: list[Problem], template: str = "{question}", seed: int = 0) -> list[dict]:
+    """Conversational `prompt`/`chosen`/`rejected` rows (TRL's preference format); `template` wraps the question."""
     rng = random.Random(seed)
     rows = []
     for problem in problems:
         wrong = corrupt(problem, rng)
         rows.append({
-            "prompt": problem.messages()[:1],
+            "prompt": problem.prompt(template),
             "chosen": problem.messages()[1:],
             "rejected": wrong.messages()[1:],
         })

@@ -1,0 +1,80 @@
+"""Reinforcement learning with verifiable rewards (TRL GRPOTrainer).
+
+    [accelerate launch --config_file recipes/accelerate_configs/X.yaml] recipes/grpo.py \
+        --config recipes/configs/tiny/grpo.yaml [--model_name_or_path SFT_DIR --max_steps N ...]
+
+Prompts carry their gold `answer` (GSM8K layout), which the rewards in `recipes.rewards` read.
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from recipes.common import (
+    PROMPT_TEMPLATES,
+    RecipeArguments,
+    build_model,
+    build_tokenizer,
+    local_dataset,
+    lora_config,
+    parse_recipe,
+    synthetic_problems,
+    train_and_save,
+)
+from recipes.dry_run import dry_run
+from recipes.rewards import REWARDS, for_trl
+
+
+@dataclass
+class GRPOArguments(RecipeArguments):
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={
+        "help": f"Reward functions, from {sorted(REWARDS)}; weigh them with GRPOConfig's reward_weights."})
+    length_soft_limit: int = field(default=128, metadata={"help": "Tokens before the length penalty starts."})
+    length_hard_limit: int = field(default=256, metadata={"help": "Tokens at which the length penalty reaches -1."})
+    code_timeout: float = field(default=3.0, metadata={"help": "Seconds per program for the code reward."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = set(self.rewards) - set(REWARDS)
+        if unknown or not self.rewards:
+            raise ValueError(f"unknown rewards {sorted(unknown)}; choose from {sorted(REWARDS)}")
+
+
+def grpo_dataset(recipe_args: GRPOArguments) -> Dataset:
+    if recipe_args.dataset_name == "arithmetic":
+        template = PROMPT_TEMPLATES[recipe_args.prompt_style]
+        return Dataset.from_list([{"prompt": p.prompt(template), "answer": p.gsm8k_row()["answer"]}
+                                  for p in synthetic_problems(recipe_args)])
+    return local_dataset(recipe_args)
+
+
+def reward_functions(recipe_args: GRPOArguments, tokenizer) -> list:
+    options = {
+        "length": {"soft_limit": recipe_args.length_soft_limit, "hard_limit": recipe_args.length_hard_limit},
+        "code": {"timeout": recipe_args.code_timeout},
+    }
+    return [for_trl(name, tokenizer, **options.get(name, {})) for name in recipe_args.rewards]
+
+
+def main(args=None) -> dict:
+    recipe_args, training_args, model_args = parse_recipe(GRPOConfig, GRPOArguments, args=args)
+    if recipe_args.dry_run:
+        return dry_run(recipe_args, training_args, model_args, "grpo")
+    if training_args.beta > 0 and not (model_args.model_name_or_path or model_args.use_peft):
+        raise ValueError("beta > 0 needs a reference model: start from a saved model (--model_name_or_path) "
+                         "or train LoRA adapters (--use_peft), or set beta: 0")
+    tokenizer = build_tokenizer(recipe_args, model_args)
+    trainer = GRPOTrainer(
+        model=build_model(recipe_args, model_args, training_args, tokenizer),
+        reward_funcs=reward_functions(recipe_args, tokenizer),
+        args=training_args,
+        train_dataset=grpo_dataset(recipe_args),
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe_args, model_args),
+    )
+    return train_and_save(trainer, training_args)
+
+
+if __name__ == "__main__":
+    main()
