@@ -30,7 +30,7 @@ from .decoder_layer import Llama4TextDecoderLayer
 from .moe import Llama4TextExperts, Llama4TextMoe
 from .norm import Llama4RMSNorm
 from .router_losses import load_balancing_loss, router_z_loss
-from .rope import Llama4TextRotaryEmbedding, rope_inverse_frequencies
+from .rope import Llama4TextRotaryEmbedding
 
 _MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
 
@@ -53,8 +53,6 @@ class Llama4PreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, Llama4TextMoe) and module.expert_bias is not None:
             init.zeros_(module.expert_bias)
-        elif isinstance(module, Llama4TextRotaryEmbedding):
-            init.copy_(module.inv_freq, rope_inverse_frequencies(module.rope_parameters, module.head_dim))
 
 
 def _check_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 
-def rope_inverse_frequencies(rope_parameters: dict, head_dim: int) -> torch.Tensor:
+def rope_inverse_frequencies(rope_parameters: dict, head_dim: int, device=None) -> torch.Tensor:
     """Angular frequency of each channel pair, in fp32, llama3-scaled when the config asks for it."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (rope_parameters["rope_theta"] ** exponents)
     if rope_parameters.get("rope_type", "default") == "llama3":
         inv_freq = _llama3_scale(inv_freq, rope_parameters)
@@ -45,18 +45,23 @@ def _llama3_scale(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 class Llama4TextRotaryEmbedding(nn.Module):
-    """Maps position ids to unit complex rotations `exp(i * position * inv_freq)`, one per channel pair."""
+    """Maps position ids to unit complex rotations `exp(i * position * inv_freq)`, one per channel pair.
+
+    The frequencies are recomputed from the config on every call (a few tiny ops) rather than kept
+    in a buffer: `model.to(torch.bfloat16)` would round a buffer to 8 mantissa bits, which shifts
+    the angle by whole radians past a few thousand tokens, and a buffer would also need special
+    care on meta-device initialisation.
+    """
 
     def __init__(self, config):
         super().__init__()
         self.rope_parameters = dict(config.rope_parameters)
         self.head_dim = config.head_dim
-        # Recomputed from the config on load, so it is not part of the checkpoint.
-        self.register_buffer("inv_freq", rope_inverse_frequencies(self.rope_parameters, self.head_dim), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids (B, T) -> complex64 rotations (B, T, head_dim / 2)."""
-        angles = position_ids[..., None].float() * self.inv_freq.float()
+        inv_freq = rope_inverse_frequencies(self.rope_parameters, self.head_dim, device=position_ids.device)
+        angles = position_ids[..., None].float() * inv_freq
         return torch.polar(torch.ones_like(angles), angles)
 
 

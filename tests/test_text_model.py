@@ -151,9 +151,7 @@ def test_sequence_classification_needs_a_way_to_find_padding():
 
 def test_a_meta_device_model_is_fully_initialised_by_init_weights():
     # The path of FSDP / accelerate empty-weight loading: nothing may stay uninitialised memory,
-    # including the bare 3-D expert tensors, the balancing bias and the RoPE frequencies.
-    from modeling_llama4.rope import rope_inverse_frequencies
-
+    # including the bare 3-D expert tensors and the balancing bias.
     config = tiny_config("scout", "sdpa", moe_load_balancing="aux_loss_free", initializer_range=0.1)
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
@@ -164,4 +162,13 @@ def test_a_meta_device_model_is_fully_initialised_by_init_weights():
         assert abs(weight.std().item() - 0.1) < 0.01
     assert torch.equal(moe.expert_bias, torch.zeros(4))
     assert torch.equal(model.model.norm.weight, torch.ones(64))
-    assert torch.equal(model.model.rotary_emb.inv_freq, rope_inverse_frequencies(config.rope_parameters, 16))
+    # The only buffers are the biases; RoPE frequencies are recomputed from the config.
+    assert all(name.endswith("feed_forward.expert_bias") for name, _ in model.named_buffers())
+
+
+def test_rope_stays_exact_after_casting_the_model_to_bfloat16():
+    model = our_model(tiny_config("scout", "sdpa"))
+    positions = torch.tensor([[0, 1, 3000, 60000]])
+    before = model.model.rotary_emb(positions)
+    model.to(torch.bfloat16)
+    assert torch.equal(model.model.rotary_emb(positions), before)
