@@ -61,11 +61,13 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={config.vocab_size}); got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]. Is the tokenizer the one this model was built for?"
-            )
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={config.vocab_size}); got values in [{low}, {high}]. "
+                    "Is the tokenizer the one this model was built for?"
+                )
     elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
         raise ValueError(
             f"inputs_embeds must be (batch, sequence, hidden_size={config.hidden_size}), got {tuple(inputs_embeds.shape)}"
