@@ -74,7 +74,7 @@ def run_lm_eval(model_dir: Path, include: Path, tasks: list[str], limit: int | N
         model_args=f"pretrained={model_dir},dtype=float32",
         device="cpu",
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(include)),
+        task_manager=TaskManager(include_path=str(include), include_defaults=False),
         num_fewshot=num_fewshot,
         limit=limit,
         batch_size=batch_size,
