@@ -15,7 +15,9 @@ appear, sample after sample; that is the order the model fills the `<|patch|>` t
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -197,7 +199,7 @@ class Llama4Processor(ProcessorMixin):
             image_layouts = [l for k, l in zip(kinds, layouts) if k == IMAGE_PLACEHOLDER]
             video_layouts = [l for k, l in zip(kinds, layouts) if k == VIDEO_PLACEHOLDER]
             rendering = rendering.expand(IMAGE_PLACEHOLDER, image_layouts).expand(VIDEO_PLACEHOLDER, video_layouts)
-            sample_ids, mask = self.tokenizer.encode_chat(rendering)
+            sample_ids, mask = self._encode_chat(rendering)
             if options.get("add_special_tokens") and self.tokenizer.bos_token_id is not None and (
                 not sample_ids or sample_ids[0] != self.tokenizer.bos_token_id
             ):
@@ -218,6 +220,21 @@ class Llama4Processor(ProcessorMixin):
         out = self._finish(ids, masks if return_assistant_tokens_mask else None, all_tiles, patch_counts,
                            tokenizer_kwargs, return_tensors, already_padded=False, batched=batched)
         return out if return_dict else out["input_ids"]
+
+    def _encode_chat(self, rendering):
+        # The Rust backend keeps the padding/truncation of the last ordinary tokenizer call, which
+        # would pad the chat's pieces against each other.
+        backend = self.tokenizer._tokenizer
+        padding, truncation = backend.padding, backend.truncation
+        backend.no_padding()
+        backend.no_truncation()
+        try:
+            return self.tokenizer.encode_chat(rendering)
+        finally:
+            if padding is not None:
+                backend.enable_padding(**padding)
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
 
     def _finish(self, ids, assistant_masks, tiles, expanded_patch_counts, tokenizer_kwargs, return_tensors,
                 already_padded, attention_mask=None, batched=True) -> BatchFeature:
@@ -253,6 +270,23 @@ class Llama4Processor(ProcessorMixin):
         if tiles:
             data["pixel_values"] = torch.cat(tiles)
         return BatchFeature(data)
+
+    # transformers resolves a saved "processor_class" by name before looking at registered classes,
+    # and its own Llama 4 processor has this class's name. Without the entry, AutoProcessor picks
+    # this class from the folder's model config (or, with trust_remote_code, from auto_map).
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data.pop("processor_class", None)
+        return data
+
+    def save_pretrained(self, save_directory, **kwargs):
+        saved = super().save_pretrained(save_directory, **kwargs)
+        tokenizer_config = Path(save_directory) / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            if data.pop("processor_class", None) is not None:
+                tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return saved
 
     @property
     def model_input_names(self) -> list[str]:
