@@ -1,14 +1,16 @@
 """Byte-level BPE, special-token layout, converter, trainer and the shipped default, checked against tiktoken."""
 
 import json
+import os
 import sysconfig
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiktoken.load import load_tiktoken_bpe
+from tiktoken.load import load_tiktoken_bpe as _load_tiktoken_bpe
 from transformers import AutoTokenizer
 
 from tokenizer import DEFAULT_TOKENIZER_DIR, SPECIAL_TOKEN_NAMES, Llama4Tokenizer, load_tokenizer
@@ -19,6 +21,12 @@ from tokenizer.train_bpe import main as train_main
 from tokenizer.train_bpe import train_ranks
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
+    """tiktoken's own reader, with its cache off: it caches by path, so a rewritten file would read stale."""
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):
+        return _load_tiktoken_bpe(path)
 
 MIXED = [
     "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\nclass A(B):\n\tpass\n",

@@ -75,7 +75,7 @@ def _problem(rng: random.Random) -> tuple[str, list[str], str]:
     name, other = rng.sample(_NAMES, 2)
     single, plural = rng.choice(_ITEMS)
     container, containers = rng.choice(_CONTAINERS)
-    kind = rng.randrange(7)
+    kind = rng.randrange(9)
     if kind == 0:
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         return (f"{name} has {a} {plural}. {other} gives {name} {b} more {plural}. How many {plural} does {name} have now?",
@@ -113,7 +113,17 @@ def _problem(rng: random.Random) -> tuple[str, list[str], str]:
                 [f"{percent}% of {whole} is {whole} * {percent} / 100 = {part}.",
                  f"So {whole} - {part} = {whole - part} {plural} are not red."],
                 str(whole - part))
+    if kind == 6:
+        a, b, c = rng.randint(10, 90), rng.randint(1, 30), rng.randint(1, 9)
+        return (f"{name} has {a} {plural}, gets {b} more and then gives away {c}. How many {plural} are left?",
+                [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], str(a + b - c))
     source, source_singular, target, factor = rng.choice(_CONVERSIONS)
+    if kind == 7:
+        whole, extra = rng.randint(1, 12), rng.randint(1, min(factor, 100) - 1)
+        return (f"How many {target} are in {whole} {source} and {extra} {target}?",
+                [f"1 {source_singular} is {factor} {target}.", f"{whole} * {factor} = {whole * factor}.",
+                 f"{whole * factor} + {extra} = {whole * factor + extra}."],
+                str(whole * factor + extra))
     amount = rng.choice([rng.randint(1, 60), rng.randint(1, 40) / 2, rng.randint(1, 20) / 4])
     result = amount * factor
     return (f"Convert {_format_number(amount)} {source} to {target}.",
@@ -129,7 +139,8 @@ def word_problems(count: int, seed: int = 0) -> Iterator[str]:
         question, steps, answer = _problem(rng)
         lines = [f"Question: {question}", "Let's think step by step."]
         lines += [f"Step {i}: {step}" for i, step in enumerate(steps, start=1)]
-        lines += [f"The answer is {answer}.", f"#### {answer}"]
+        closing = "The final answer is" if rng.random() < 0.5 else "The answer is"
+        lines += [f"{closing} {answer}.", f"#### {answer}"]
         yield "\n".join(lines) + "\n"
 
 
