@@ -20,6 +20,7 @@ from .configuration_llama4 import Llama4TextConfig
 from .mlp import Llama4TextMLP
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this many (token, expert) pairs, decoding skips the sort/gather/scatter machinery.
 _DIRECT_PAIRS = 4
 
@@ -93,7 +94,7 @@ class _LoopGroupedMatmul(torch.autograd.Function):
 
 def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped_mm kernel accepts these operands (it needs 16-byte aligned rows)."""
-    if not _HAS_GROUPED_MM or x.dtype != weight.dtype:
+    if not _HAS_GROUPED_MM or x.dtype != weight.dtype or x.dtype not in _GROUPED_MM_DTYPES:
         return False
     row_bytes = x.element_size()
     return all((n * row_bytes) % 16 == 0 for n in (weight.shape[1], weight.shape[2]))
@@ -185,7 +186,7 @@ class Llama4TextMoe(nn.Module):
         if implementation == "dense":
             self._update_expert_bias(None)
             out = self.shared_expert(x) + self._routed_dense(x, scores, experts)
-        elif implementation == "loop" and experts.numel() <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
+        elif implementation == "loop" and 0 < experts.numel() <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
             self._update_expert_bias(None)
             out = self.shared_expert(x) + self._routed_direct(x, scores, experts)
         else:
@@ -211,8 +212,9 @@ class Llama4TextMoe(nn.Module):
         if self.implementation != "auto":
             if self.implementation == "grouped_mm" and not _grouped_mm_runs(x, self.experts.gate_up_proj):
                 raise ValueError(
-                    "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9) and "
-                    "hidden_size / intermediate_size whose rows are multiples of 16 bytes; "
+                    "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9), "
+                    "float32/bfloat16/float16 weights and inputs of the same dtype, and hidden_size / "
+                    "intermediate_size whose rows are multiples of 16 bytes; "
                     "use moe_implementation='loop' or 'auto'"
                 )
             return self.implementation
@@ -242,16 +244,17 @@ class Llama4TextMoe(nn.Module):
         scaled_in = x.unsqueeze(0) * dense_scores.t().unsqueeze(-1)
         return self.experts.forward_all(scaled_in).sum(0)
 
-    @torch.no_grad()
     def _update_expert_bias(self, tokens_per_expert: torch.Tensor | None) -> None:
-        """DeepSeek-V3 aux-loss-free balancing, once per training forward (not again when gradient
-        checkpointing recomputes it): raise the bias of under-loaded experts, lower the others."""
+        """DeepSeek-V3 aux-loss-free balancing, once per training forward (not in no-grad evaluation,
+        nor again when gradient checkpointing recomputes the forward): raise the bias of
+        under-loaded experts, lower the others."""
         if self.expert_bias is None or not self.training or not torch.is_grad_enabled() or _in_backward_pass():
             return
         if tokens_per_expert is None:
             tokens_per_expert = self.last_expert_load
-        load = tokens_per_expert.to(self.expert_bias.dtype)
-        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        with torch.no_grad():
+            load = tokens_per_expert.to(self.expert_bias.dtype)
+            self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
 
 
 def expert_load_metrics(model: nn.Module) -> dict[str, float]:
