@@ -13,6 +13,7 @@ from .modeling_text import (
 from .modeling_vision import Llama4VisionModel
 from .parameter_count import parameter_counts
 from .processing import Llama4Processor
+from .transformers_compat import from_transformers_config, to_transformers_config
 
 __all__ = [
     "Llama4Config",
@@ -27,5 +28,7 @@ __all__ = [
     "Llama4TextModel",
     "Llama4VisionConfig",
     "Llama4VisionModel",
+    "from_transformers_config",
     "parameter_counts",
+    "to_transformers_config",
 ]
