@@ -172,3 +172,24 @@ def test_rope_stays_exact_after_casting_the_model_to_bfloat16():
     before = model.model.rotary_emb(positions)
     model.to(torch.bfloat16)
     assert torch.equal(model.model.rotary_emb(positions), before)
+
+
+def test_the_configured_attention_backend_is_used():
+    ids = _prompt(9, seed=13)
+    weights = {}
+    for attn in ("eager", "sdpa"):
+        model = our_model(tiny_config("dense", attn))
+        with torch.no_grad():
+            weights[attn] = model.model(ids, output_attentions=True).attentions[0]
+    assert weights["eager"].shape == (1, 4, 9, 9)
+    assert weights["sdpa"] is None  # the sdpa kernel does not expose its weights
+
+
+def test_a_bfloat16_model_runs_and_stays_close_to_fp32():
+    model = our_model(tiny_config("scout", "sdpa"))
+    ids = _prompt(40, seed=14)
+    with torch.no_grad():
+        full = model(ids).logits
+        half = model.to(torch.bfloat16)(ids).logits
+    assert half.dtype == torch.bfloat16
+    assert max_diff(half.float(), full) <= 0.05 * full.abs().max().item()
