@@ -191,7 +191,8 @@ class Llama4VisionModel(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **kwargs) -> BaseModelOutput:
         self.check_pixel_values(pixel_values)
-        hidden = self.patch_embedding(pixel_values.to(self.patch_embedding.linear.weight.dtype))
+        weight = self.patch_embedding.linear.weight
+        hidden = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))
         cls = self.class_embedding.to(hidden.dtype).expand(hidden.shape[0], 1, -1)
         hidden = torch.cat([hidden, cls], dim=1) + self.positional_embedding_vlm.to(hidden.dtype)
         hidden = self.layernorm_pre(hidden)

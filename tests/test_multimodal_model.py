@@ -109,6 +109,18 @@ def test_saved_folder_loads_into_transformers_with_equal_submodules(models):
         )
 
 
+def test_folder_written_by_transformers_loads_with_equal_weights(models, tmp_path):
+    ours, theirs = models
+    theirs.save_pretrained(tmp_path)  # model_type "llama4": the official checkpoint layout
+    loaded = Llama4ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    input_ids = torch.tensor([prompt(11, (1, 2), 12)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids, pixel_values=tiles_for((1, 2))).logits,
+                                   ours(input_ids=input_ids, pixel_values=tiles_for((1, 2))).logits, atol=0, rtol=0)
+
+
 CASES = {
     "one image": ([prompt(11, (1, 1), 12, 13)], [(1, 1)]),
     "multi-tile image": ([prompt(11, (2, 2), 12)], [(2, 2)]),
