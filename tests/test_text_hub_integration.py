@@ -99,3 +99,15 @@ def test_transformers_checkpoint_loads_into_ours_and_ours_into_transformers(tmp_
     expected = logits(reference)
     assert (logits(ours_from_theirs) - expected).abs().max() <= 1e-4
     assert (logits(theirs_from_ours) - expected).abs().max() <= 1e-4
+
+
+def test_trl_fused_lm_head_gives_the_model_loss():
+    # TRL's SFT/DPO/GRPO replace the forward by backbone + chunked LM head (recipes-notes §0.1).
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = our_model(tiny_config("scout"))
+    with torch.no_grad():
+        expected = model(IDS, labels=IDS, use_cache=False).loss
+        add_fused_lm_head(model)
+        fused = model(input_ids=IDS, labels=IDS, fused_lm_head=True)
+    assert torch.allclose(fused.loss, expected, atol=1e-5)
