@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import sysconfig
 from pathlib import Path
 from unittest import mock
@@ -161,3 +162,13 @@ def test_bad_ranks_are_rejected_with_the_reason():
         validate_ranks({bytes([b]): b for b in range(255)})
     with pytest.raises(ValueError, match="at least 257"):
         train_ranks(["abc"], 100)
+
+
+def test_build_default_reproduces_the_shipped_files():
+    from tokenizer.build_default import main as build_main
+
+    shipped = json.loads((Path(DEFAULT_TOKENIZER_DIR) / "build_info.json").read_text(encoding="utf-8"))
+    if shipped["python"] != platform.python_version():
+        pytest.skip(f"the default was built from Python {shipped['python']}'s stdlib, which differs from "
+                    f"{platform.python_version()}'s")
+    assert build_main(["--check"]) == 0
