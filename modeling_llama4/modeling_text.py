@@ -151,9 +151,16 @@ class Llama4TextModel(Llama4PreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
+        length = inputs_embeds.shape[1]
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        elif position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[-1] != length:
+            raise ValueError(
+                f"position_ids must be (batch or 1, {length}) for {length} input tokens, got {tuple(position_ids.shape)}"
+            )
 
         masks = self._build_masks(attention_mask, inputs_embeds, cache, position_ids)
         rotations = self.rotary_emb(position_ids)

@@ -113,6 +113,8 @@ def test_bad_inputs_raise_clear_errors():
         model(inputs_embeds=torch.zeros(1, 3, 7))
     with pytest.raises(ValueError, match="attention_mask has batch size 2"):
         model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position_ids must be \(batch or 1, 5\)"):
+        model(ids, position_ids=torch.arange(4)[None])
 
 
 def test_inputs_embeds_give_the_same_logits_as_input_ids():
