@@ -177,6 +177,8 @@ class Llama4Processor(ProcessorMixin):
         options = dict(processor_kwargs or {})
         media_options = {k: options.pop(k) for k in ("num_frames", "fps", "do_sample_frames") if k in options}
         media_options.update({k: kwargs.pop(k) for k in ("num_frames", "fps", "do_sample_frames") if k in kwargs})
+        if isinstance(media_options.get("fps"), (list, tuple)):
+            media_options["fps"] = list(media_options["fps"])  # consumed one per video, in order
         options.pop("return_tensors", None)
         batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
         chats = list(conversation) if batched else [conversation]
