@@ -197,3 +197,13 @@ def test_a_bfloat16_model_runs_and_stays_close_to_fp32():
         half = model.to(torch.bfloat16)(ids).logits
     assert half.dtype == torch.bfloat16
     assert max_diff(half.float(), full) <= 0.05 * full.abs().max().item()
+
+
+def test_attention_temperature_follows_the_published_formula():
+    from modeling_llama4.attention import attention_temperature
+
+    positions = torch.tensor([[0, 8190, 8191, 65535, 1_048_575, 10_485_759]])
+    scale = attention_temperature(positions, floor_scale=8192, attn_scale=0.1)[0].tolist()
+    # 1 below the first floor, then 1.069 at 8191, ~1.22 at 64K, ~1.49 at 1M, ~1.72 at 10M.
+    assert scale[:2] == [1.0, 1.0]
+    assert [round(s, 2) for s in scale[2:]] == [1.07, 1.22, 1.49, 1.72]
