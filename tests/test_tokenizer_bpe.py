@@ -172,3 +172,23 @@ def test_build_default_reproduces_the_shipped_files():
         pytest.skip(f"the default was built from Python {shipped['python']}'s stdlib, which differs from "
                     f"{platform.python_version()}'s")
     assert build_main(["--check"]) == 0
+
+
+def test_tokens_with_two_overlapping_splits_merge_like_tiktoken(default_pair):
+    """A token T = p1+p2 = p2+p3 can be reached from [p1, p2, p3] by two different merges of equal rank;
+    tiktoken takes the leftmost, the merge list must not make the other one win."""
+    tokenizer, reference = default_pair
+    ranks = load_tiktoken_bpe(str(Path(DEFAULT_TOKENIZER_DIR) / "tokenizer.model"))
+    cases = []
+    for token in ranks:
+        for k in range(1, len(token)):
+            p1, p2, p3 = token[: len(token) - k], token[:k], token[k:]
+            if token.endswith(p2) and p1 in ranks and p3 in ranks and not p1 == p2 == p3:
+                for raw in (p1 + p2 + p3, p2 + p1 + p2 + p3, (p1 + p2 + p3) * 2, b" " + p1 + p2 + p3):
+                    try:
+                        cases.append(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        continue
+    assert len(cases) > 100
+    for text in cases:
+        assert tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) == reference.encode_ordinary(text)
