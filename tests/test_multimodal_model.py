@@ -250,3 +250,17 @@ def test_full_size_models_build_on_the_meta_device_with_the_official_counts():
         total = sum(p.numel() for p in model.parameters())
         assert total == parameter_counts(config)["total"]
         assert round(total / 1e9, 2) == billions
+
+
+def test_attention_implementation_reaches_both_towers(models, tmp_path):
+    ours, _ = models
+    ours.save_pretrained(tmp_path)
+    eager = Llama4ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config.text_config._attn_implementation == "eager"
+    assert eager.language_model.model.config._attn_implementation == "eager"
+    assert eager.vision_model.config._attn_implementation == "eager"
+    input_ids = torch.tensor([prompt(11, (2, 1), 12, 13)])
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids=input_ids, pixel_values=tiles_for((2, 1))).logits,
+                                   ours(input_ids=input_ids, pixel_values=tiles_for((2, 1))).logits,
+                                   atol=1e-4, rtol=0)
