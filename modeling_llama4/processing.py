@@ -147,6 +147,8 @@ class Llama4Processor(ProcessorMixin):
         expanded = [_PLACEHOLDERS.sub(lambda _: next(layouts), t) for t in texts]
         tokenizer_kwargs = {k: kwargs.pop(k) for k in _TOKENIZER_KWARGS if k in kwargs}
         kwargs.pop("return_mm_token_type_ids", None)
+        if kwargs.pop("audio", None) is not None:
+            raise ValueError("Llama 4 takes no audio")
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         tokenizer_kwargs.setdefault("padding", True)
@@ -173,7 +175,17 @@ class Llama4Processor(ProcessorMixin):
         """The chat in the Llama 4 format with its images and videos expanded and tiled.
 
         `tokenize=False` returns the rendered text with the bare placeholders (as the chat
-        template writes them); `tokenize=True, return_dict=True` returns what the model takes."""
+        template writes them); `tokenize=True, return_dict=True` returns what the model takes.
+        With this package's tokenizer, message text is encoded as plain text (a user's "<|eot|>"
+        stays characters); other tokenizers (e.g. an official checkpoint's) go through
+        transformers' generic path, which renders one string and calls this processor on it."""
+        if not hasattr(self.tokenizer, "render_chat"):
+            return super().apply_chat_template(
+                conversation, chat_template=chat_template, tools=tools, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=tokenize, return_dict=return_dict,
+                return_tensors=return_tensors, return_assistant_tokens_mask=return_assistant_tokens_mask,
+                processor_kwargs=processor_kwargs, **kwargs,
+            )
         options = dict(processor_kwargs or {})
         media_options = {k: options.pop(k) for k in ("num_frames", "fps", "do_sample_frames") if k in options}
         media_options.update({k: kwargs.pop(k) for k in ("num_frames", "fps", "do_sample_frames") if k in kwargs})

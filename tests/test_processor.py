@@ -205,3 +205,22 @@ def test_auto_classes_load_the_saved_processor(tiny, model, tmp_path):
     image = solid(50, 70)
     torch.testing.assert_close(processor(text="<|image|>", images=image)["pixel_values"],
                                tiny(text="<|image|>", images=image)["pixel_values"])
+
+
+def test_a_plain_fast_tokenizer_gives_the_same_chat_inputs(tiny, tokenizer):
+    """Official checkpoints ship a plain PreTrainedTokenizerFast: the generic chat path must agree."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizer import DEFAULT_TOKENIZER_DIR
+
+    plain = PreTrainedTokenizerFast(
+        tokenizer_file=f"{DEFAULT_TOKENIZER_DIR}/tokenizer.json", chat_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+    )
+    chat = [{"role": "user", "content": [{"type": "image", "image": solid(64, 32)},
+                                         {"type": "text", "text": "Describe"}]}]
+    settings = dict(tokenize=True, return_dict=True, add_generation_prompt=True)
+    expected = tiny.apply_chat_template(chat, **settings)
+    got = Llama4Processor(tiny.image_processor, plain, patch_size=4).apply_chat_template(chat, **settings)
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
