@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .evaluator import evaluate
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"llama4-eval: error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(markdown_table(results), end="")
     print(json.dumps(results, sort_keys=True, default=float)[:2000] if args.output_dir is None else
           f"written to {args.output_dir}")

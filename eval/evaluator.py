@@ -22,14 +22,16 @@ PREDICTION_TASKS = ("humaneval", "gsm8k", "gsm8k_cot", "gsm8k_chat")
 class _Processes:
     """Rank, world size and gathering; a single process needs no torch.distributed at all."""
 
-    def __init__(self):
+    def __init__(self, device: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.state = None
         self.rank = 0
         if self.world > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # Without cpu=True accelerate ignores the launcher's processes on a machine without accelerators.
+            self.state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
             self.rank, self.world = self.state.process_index, self.state.num_processes
 
     def gather(self, records: list[dict]) -> list[dict]:
@@ -160,7 +162,7 @@ def evaluate(
         data_dir=data_dir, num_fewshot=num_fewshot, limit=limit, max_new_tokens=max_new_tokens, num_samples=num_samples,
         temperature=temperature, top_p=top_p, seed=seed, mmlu_subjects=mmlu_subjects, timeout=timeout, workers=workers,
     )
-    procs = _Processes()
+    procs = _Processes(device)
     config = {"tasks": names, "limit": limit, "num_fewshot": num_fewshot, "data_dir": str(data_dir) if data_dir else None}
 
     if predictions is not None:

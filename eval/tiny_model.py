@@ -6,7 +6,11 @@ Used by the tests, the lm-eval comparison and the benchmark: both harnesses load
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -99,3 +103,11 @@ def save_tiny_model(path: str | Path, data_dir: str | Path | None, **model_kwarg
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@lru_cache(maxsize=None)
+def cached_tiny_model(data_dir: str | Path | None) -> Path:
+    """The default tiny model, built once per process in a temporary directory removed at exit."""
+    root = Path(tempfile.mkdtemp(prefix="llama4-eval-tiny-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return save_tiny_model(root / "model", data_dir)

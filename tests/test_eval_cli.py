@@ -13,14 +13,14 @@ from eval import evaluate
 from eval.cli import main
 from eval.data import DataError
 from eval.tasks.gsm8k import CHAT_INSTRUCTION
-from eval.tiny_model import save_tiny_model
+from eval.tiny_model import cached_tiny_model
 
 SUBJECTS = "abstract_algebra,college_mathematics"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", shared_data)
+def tiny_dir(shared_data):
+    return cached_tiny_model(shared_data)
 
 
 def read_jsonl(path):

@@ -15,7 +15,7 @@ from lm_eval.api.model import LM  # noqa: E402
 
 from eval import evaluate  # noqa: E402
 from eval.tasks import GSM8K, GSM8KCoT, MMLU  # noqa: E402
-from eval.tiny_model import save_tiny_model  # noqa: E402
+from eval.tiny_model import cached_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ["abstract_algebra", "high_school_european_history"]
@@ -90,7 +90,7 @@ def test_gsm8k_prompts_are_byte_identical(lm_tasks, shared_data, tmp_path):
 
 
 def test_tiny_model_agrees_with_lm_eval(lm_tasks, shared_data, tmp_path, compare):
-    model = save_tiny_model(tmp_path / "tiny", shared_data)
+    model = cached_tiny_model(shared_data)
     subjects = SUBJECTS[:1] + ["anatomy"]
     lm_tasks_dir = compare.write_lm_eval_tasks(tmp_path / "lm", shared_data, subjects)
     theirs = compare.run_lm_eval(model, lm_tasks_dir, [f"local_mmlu_{s}" for s in subjects], 2, 5, 8)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eval.runner import ModelRunner, common_prefix_length
-from eval.tiny_model import build_model, build_tokenizer, training_text
+from eval.tiny_model import cached_tiny_model
 
 HEADER = "The following are multiple choice questions (with answers) about algebra.\n\n"
 SHOT = "Find x if 2x = 6.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"
@@ -13,8 +13,10 @@ SHOT = "Find x if 2x = 6.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"
 
 @pytest.fixture(scope="module")
 def tiny(shared_data):
-    tok = build_tokenizer(training_text(shared_data, limit=800))
-    return build_model(len(tok)), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cached_tiny_model(shared_data)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def reference_loglikelihood(model, tok, context, continuation, max_length=None):
