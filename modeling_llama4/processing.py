@@ -25,7 +25,7 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing import flatten_images
+from .image_processing import Llama4ImageProcessor, flatten_images
 from .video import frame_label, select_frames
 
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -284,6 +284,16 @@ class Llama4Processor(ProcessorMixin):
         if tiles:
             data["pixel_values"] = torch.cat(tiles)
         return BatchFeature(data)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # Official folders name transformers' torchvision image processor ("Llama4ImageProcessorFast");
+        # their settings are the same fields, so this package's processor reads them directly.
+        subfolder = kwargs.pop("subfolder", "")
+        image_processor = Llama4ImageProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
+                                                        subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
 
     # transformers resolves a saved "processor_class" by name before looking at registered classes,
     # and its own Llama 4 processor has this class's name. Without the entry, AutoProcessor picks

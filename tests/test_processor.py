@@ -224,3 +224,26 @@ def test_a_plain_fast_tokenizer_gives_the_same_chat_inputs(tiny, tokenizer):
     got = Llama4Processor(tiny.image_processor, plain, patch_size=4).apply_chat_template(chat, **settings)
     assert torch.equal(got["input_ids"], expected["input_ids"])
     assert torch.equal(got["pixel_values"], expected["pixel_values"])
+
+
+def test_loads_an_official_style_processor_folder(tokenizer, tmp_path):
+    """The hub layout: preprocessor_config.json naming transformers' torchvision processor, and
+    processor_config.json with the token strings transformers' processor takes."""
+    import json
+
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Llama4ImageProcessorFast", "processor_class": "Llama4Processor",
+        "size": {"height": 336, "width": 336}, "max_patches": 16, "resize_to_max_canvas": False,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255, "resample": 2,
+        "data_format": "channels_first", "default_to_square": True, "crop_size": None, "do_center_crop": None,
+    }))
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Llama4Processor", "patch_size": 14, "pixel_shuffle_ratio": 0.5,
+        "fake_image_token": "<|image|>", "image_token": "<|image|>", "patch_token": "<|patch|>",
+    }))
+    processor = Llama4Processor.from_pretrained(tmp_path)
+    assert isinstance(processor.image_processor, Llama4ImageProcessor) and processor.tokens_per_tile == 144
+    out = processor(text="<|image|>", images=solid(640, 480), add_special_tokens=False)
+    assert out["input_ids"].shape == (1, 727)
