@@ -136,9 +136,17 @@ class Llama4Processor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
+        kinds_per_sample = [_PLACEHOLDERS.findall(t) for t in texts]
+        if _is_per_sample(images, len(texts)):
+            for row, (kinds, row_images) in enumerate(zip(kinds_per_sample, images)):
+                wanted = kinds.count(IMAGE_PLACEHOLDER)
+                if wanted != len(flatten_images(row_images)):
+                    raise ValueError(
+                        f"text {row} has {wanted} {IMAGE_PLACEHOLDER} placeholders but its image list holds "
+                        f"{len(flatten_images(row_images))} images"
+                    )
         images = flatten_images(images)
         videos = _as_video_list(videos)
-        kinds_per_sample = [_PLACEHOLDERS.findall(t) for t in texts]
         self._check_counts(kinds_per_sample, images, videos)
         fps = list(fps) if isinstance(fps, (list, tuple)) else fps
         layouts, tiles = self._expand([k for kinds in kinds_per_sample for k in kinds], images, videos,
@@ -315,6 +323,12 @@ class Llama4Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _is_per_sample(images, count: int) -> bool:
+    """Whether images are given as one list per text (rather than one flat list)."""
+    return (isinstance(images, (list, tuple)) and len(images) == count
+            and all(isinstance(item, (list, tuple)) for item in images))
 
 
 def _as_video_list(videos) -> list:

@@ -122,6 +122,11 @@ def test_bad_inputs_raise_clear_errors(tiny, text, images, message):
         tiny(text=text, images=images)
 
 
+def test_per_text_image_lists_must_match_each_text(tiny):
+    with pytest.raises(ValueError, match=r"text 0 has 1 <\|image\|> placeholders but its image list holds 2"):
+        tiny(text=["<|image|>", "<|image|>"], images=[[solid(8, 8), solid(8, 8)], []])
+
+
 def test_truncation_that_would_cut_an_image_raises(tiny):
     with pytest.raises(ValueError, match="truncation would cut an image"):
         tiny(text="<|image|>", images=solid(64, 64), truncation=True, max_length=20)
