@@ -9,8 +9,9 @@ placeholders appear (what `Llama4Processor` produces). All other image tokens (`
 The parameters sit under the official checkpoint prefixes (`language_model.model.*`,
 `language_model.lm_head.weight`, `vision_model.*`, `multi_modal_projector.linear_1.weight`), so
 official weights load, and folders saved here load into transformers' Llama4ForConditionalGeneration.
-`model.model` (= `model.base_model`) is a view owning no parameters: the fused backbone that takes
-`input_ids` + `pixel_values` and returns `last_hidden_state`, which TRL's fused LM-head loss calls.
+`model.model` (= `model.base_model`) is a view sharing the model's modules without being registered
+on it (so it adds no keys): the fused backbone that takes `input_ids` + `pixel_values` and returns
+`last_hidden_state`, which TRL's fused LM-head loss calls.
 """
 
 import torch
@@ -48,6 +49,7 @@ class Llama4MultimodalBackbone(nn.Module):
     registered on the model, so it adds nothing to the model's state dict, and it always sees the
     model's current submodules (after PEFT, FSDP or `.to()`)."""
 
+    # PreTrainedModel.supports_tp_plan / supports_pp_plan read these on `base_model`.
     _tp_plan = None
     _pp_plan = None
 
