@@ -114,7 +114,8 @@ def test_spoofed_role_is_rejected(tok):
 
 def test_tool_turns_follow_meta_format(tok):
     chat = [{"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "w", "arguments": {"c": "Oslo"}}}]},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "w", "arguments": {"c": "Oslo"}}}]},
             {"role": "tool", "content": "-3C"}]
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text.endswith(
@@ -161,7 +162,8 @@ def test_bad_inputs_raise_clear_errors(tok):
 
 
 def test_rendering_expansion_for_processors(tok):
-    rendering = tok.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<|image|>"}]}])
+    typed = [{"type": "image"}, {"type": "text", "text": "<|image|>"}]
+    rendering = tok.render_chat([{"role": "user", "content": typed}])
     assert isinstance(rendering, ChatRendering)
     with pytest.raises(ValueError, match="1 <\\|image\\|> placeholders but 2"):
         rendering.expand("<|image|>", ["a", "b"])

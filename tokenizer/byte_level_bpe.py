@@ -105,7 +105,8 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
-    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    in_rank_order = sorted(ranks.items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in in_rank_order]
     Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
 
 

@@ -78,8 +78,10 @@ def _problem(rng: random.Random) -> tuple[str, list[str], str]:
     kind = rng.randrange(9)
     if kind == 0:
         a, b = rng.randint(2, 99), rng.randint(2, 99)
-        return (f"{name} has {a} {plural}. {other} gives {name} {b} more {plural}. How many {plural} does {name} have now?",
-                [f"{name} starts with {a} {plural}.", f"After getting {b} more, {name} has {a} + {b} = {a + b} {plural}."],
+        return (f"{name} has {a} {plural}. {other} gives {name} {b} more {plural}. "
+                f"How many {plural} does {name} have now?",
+                [f"{name} starts with {a} {plural}.",
+                 f"After getting {b} more, {name} has {a} + {b} = {a + b} {plural}."],
                 str(a + b))
     if kind == 1:
         a = rng.randint(20, 500)
@@ -99,17 +101,19 @@ def _problem(rng: random.Random) -> tuple[str, list[str], str]:
                 [f"There are {a} {plural} and {b} friends.", f"Each friend gets {a} / {b} = {q} {plural}."],
                 str(q))
     if kind == 4:
-        price, count, paid = rng.randint(2, 25), rng.randint(2, 9), 0
+        price, count = rng.randint(2, 25), rng.randint(2, 9)
         cost = price * count
         paid = cost + rng.randint(1, 50)
-        return (f"{name} buys {count} {plural} at ${price} each and pays with ${paid}. How much change does {name} get?",
+        return (f"{name} buys {count} {plural} at ${price} each and pays with ${paid}. "
+                f"How much change does {name} get?",
                 [f"The {plural} cost {count} * {price} = ${cost}.", f"The change is {paid} - {cost} = ${paid - cost}."],
                 str(paid - cost))
     if kind == 5:
         whole = rng.randint(2, 40) * 20
         percent = rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75])
         part = whole * percent // 100
-        return (f"There are {whole} {plural} in a {container}. {percent}% of them are red. How many {plural} are not red?",
+        return (f"There are {whole} {plural} in a {container}. {percent}% of them are red. "
+                f"How many {plural} are not red?",
                 [f"{percent}% of {whole} is {whole} * {percent} / 100 = {part}.",
                  f"So {whole} - {part} = {whole - part} {plural} are not red."],
                 str(whole - part))

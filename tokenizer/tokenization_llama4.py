@@ -156,9 +156,9 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
         masks = [mask for _, mask in encoded]
         if truncation:
             limit = max_length if max_length is not None else self.model_max_length
-            keep = (lambda seq: seq[:limit]) if self.truncation_side == "right" else (lambda seq: seq[max(0, len(seq) - limit):])
-            input_ids = [keep(ids) for ids in input_ids]
-            masks = [keep(mask) for mask in masks]
+            start = (lambda seq: 0) if self.truncation_side == "right" else (lambda seq: max(0, len(seq) - limit))
+            input_ids = [ids[start(ids): start(ids) + limit] for ids in input_ids]
+            masks = [mask[start(mask): start(mask) + limit] for mask in masks]
         out = self.pad({"input_ids": input_ids}, padding=padding, max_length=max_length, **pad_kwargs)
         data = dict(out)
         if return_assistant_tokens_mask:
