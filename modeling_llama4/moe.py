@@ -8,6 +8,16 @@ Unlike the reference implementations, only the routed (token, expert) pairs are 
 assignments are sorted by expert, the tokens gathered into one contiguous block per expert, pushed
 through grouped matrix products over the fused `gate_up_proj (E, D, 2F)` / `down_proj (E, F, D)`
 parameters, and added back to their tokens.
+
+`config.moe_implementation` picks how the routed experts are computed:
+* "grouped_mm": torch's grouped GEMM kernel (CUDA bfloat16 on sm80+; CPU float32/bfloat16/float16);
+* "loop": one matrix product per expert that received tokens (any device and dtype), with its own
+  backward;
+* "dense": every expert on every token, unselected ones scored 0 — the reference implementations'
+  formula, E times the work, but with static shapes (for compilers and graph capture);
+* "auto" (default): grouped_mm where it runs, else the loop.
+Outside "dense" and "grouped_mm", decoding a handful of tokens without expert gradients sends each
+(token, expert) pair straight through its expert's weights, skipping the sort/gather/scatter.
 """
 
 from __future__ import annotations
@@ -48,7 +58,9 @@ def route(
     else:
         experts = torch.topk(router_logits + selection_bias, top_k, dim=-1).indices
         top_logits = router_logits.gather(-1, experts)
-    scores = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
+    # At least fp32 for the sigmoid, as the official models compute it, then back to the model dtype.
+    precision = torch.promote_types(top_logits.dtype, torch.float32)
+    scores = torch.sigmoid(top_logits.to(precision)).to(router_logits.dtype)
     return scores, experts
 
 
@@ -93,8 +105,14 @@ class _LoopGroupedMatmul(torch.autograd.Function):
 
 
 def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm kernel accepts these operands (it needs 16-byte aligned rows)."""
-    if not _HAS_GROUPED_MM or x.dtype != weight.dtype or x.dtype not in _GROUPED_MM_DTYPES:
+    """Whether torch's grouped_mm kernel takes these operands: on CPU float32/bfloat16/float16, on
+    CUDA bfloat16 from sm80 (torch's documented support), and 16-byte aligned rows everywhere."""
+    if not _HAS_GROUPED_MM or x.dtype != weight.dtype:
+        return False
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES:
         return False
     row_bytes = x.element_size()
     return all((n * row_bytes) % 16 == 0 for n in (weight.shape[1], weight.shape[2]))
@@ -182,11 +200,11 @@ class Llama4TextMoe(nn.Module):
         scores, experts = route(router_logits, self.top_k, self.expert_bias)
         self._last_selection = experts.detach()
 
-        implementation = self._implementation(x)
+        implementation = self._implementation(x, experts.numel())
         if implementation == "dense":
             self._update_expert_bias(None)
             out = self.shared_expert(x) + self._routed_dense(x, scores, experts)
-        elif implementation == "loop" and 0 < experts.numel() <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
+        elif implementation == "direct":
             self._update_expert_bias(None)
             out = self.shared_expert(x) + self._routed_direct(x, scores, experts)
         else:
@@ -208,20 +226,25 @@ class Llama4TextMoe(nn.Module):
             return None
         return torch.bincount(self._last_selection.reshape(-1), minlength=self.num_experts)
 
-    def _implementation(self, x: torch.Tensor) -> str:
-        if self.implementation != "auto":
-            if self.implementation == "grouped_mm" and not _grouped_mm_runs(x, self.experts.gate_up_proj):
-                raise ValueError(
-                    "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9), "
-                    "float32/bfloat16/float16 weights and inputs of the same dtype, and hidden_size / "
-                    "intermediate_size whose rows are multiples of 16 bytes; "
-                    "use moe_implementation='loop' or 'auto'"
-                )
+    def _implementation(self, x: torch.Tensor, pairs: int) -> str:
+        """"dense", "grouped_mm", "loop", or "direct" (the loop's shortcut for decoding a few tokens)."""
+        grouped_mm_runs = _grouped_mm_runs(x, self.experts.gate_up_proj)
+        if self.implementation == "grouped_mm" and not grouped_mm_runs:
+            raise ValueError(
+                "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9), inputs of "
+                "the weights' dtype (float32/bfloat16/float16 on CPU, bfloat16 on CUDA sm80+), and hidden_size / "
+                "intermediate_size whose rows are multiples of 16 bytes; use moe_implementation='loop' or 'auto'"
+            )
+        if self.implementation in ("dense", "grouped_mm"):
             return self.implementation
-        # Measured on CPU (bench/bench_moe.md): one mm per expert beats the CPU grouped_mm kernel.
-        if x.is_cuda and _grouped_mm_runs(x, self.experts.gate_up_proj):
+        # On CUDA, grouped_mm never waits for the host; the direct and loop paths read the routing
+        # back to the host. Without gradients for the experts, a few pairs go straight through.
+        if self.implementation == "auto" and x.is_cuda and grouped_mm_runs:
             return "grouped_mm"
-        return "loop"
+        if 0 < pairs <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
+            return "direct"
+        # On CPU both run at the same speed forward; grouped_mm's backward is faster (bench_moe.md).
+        return "grouped_mm" if self.implementation == "auto" and grouped_mm_runs else "loop"
 
     def _expert_weights_need_grad(self) -> bool:
         return torch.is_grad_enabled() and (

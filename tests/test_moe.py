@@ -11,7 +11,7 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextMoe as HFTextMo
 from modeling_llama4.configuration_llama4 import Llama4TextConfig
 from modeling_llama4.moe import Llama4TextMoe, _LoopGroupedMatmul, expert_load_metrics
 
-IMPLEMENTATIONS = ["loop", "grouped_mm", "dense"]
+IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "dense"]
 
 
 def make_config(**overrides) -> Llama4TextConfig:
@@ -79,16 +79,33 @@ def test_sparse_dispatch_matches_dense_formula_values_and_gradients(implementati
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "loop"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 2])
-def test_decode_path_matches_dense_formula(top_k, tokens):
+def test_decode_path_matches_dense_formula(implementation, top_k, tokens):
     """A handful of tokens without gradients takes the per-pair path (no sort/scatter)."""
-    moe = make_moe(moe_implementation="loop", num_experts_per_tok=top_k)
+    moe = make_moe(moe_implementation=implementation, num_experts_per_tok=top_k)
     x = torch.randn(tokens, 1, moe.hidden_dim)
     with torch.no_grad():
         out, _ = moe(x)
         ref, _ = dense_reference(moe, x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "loop"])
+def test_float64_and_unaligned_shapes_fall_back_to_the_loop(implementation):
+    """grouped_mm takes neither float64 nor rows that are not multiples of 16 bytes."""
+    for moe in (make_moe(moe_implementation=implementation).double(),
+                make_moe(moe_implementation=implementation, hidden_size=6, intermediate_size=10)):
+        dtype = moe.router.weight.dtype
+        x = torch.randn(2, 5, moe.hidden_dim, dtype=dtype)
+        upstream = torch.randn(2, 5, moe.hidden_dim, dtype=dtype)
+        out, _, grad_x, grads = values_and_grads(lambda m, h: m(h), moe, x, upstream)
+        ref_out, _, ref_grad_x, ref_grads = values_and_grads(dense_reference, moe, x, upstream)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(grad_x, ref_grad_x)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
 
 
 def test_frozen_experts_still_give_input_gradients_on_the_decode_path():

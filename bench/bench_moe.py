@@ -1,0 +1,261 @@
+"""Sparse-MoE speed: our Llama4ForCausalLM against transformers' Llama4 (same weights), transformers'
+Mixtral with grouped_mm experts, and a dense Llama whose FFN width equals shared + one expert.
+
+Shape (issue 2): hidden 512, 4 layers (all MoE, Scout pattern), 8 query / 2 key-value heads, expert
+width 1024, top-1, vocabulary 32k. Prefill: one forward over 4 x 512 tokens building the cache and
+keeping the last logits (what `generate` does). Decode: batch-1 greedy `generate` of 48 tokens after a
+16-token prompt, reported per token. Every model is timed in the same process, round-robin, and the
+median of the repeats is reported, because the machine's cores are shared with other jobs.
+
+    python bench/bench_moe.py --experts 16 128 --repeats 7 --markdown bench/bench_moe.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import Llama4ForCausalLM as TransformersLlama4ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from modeling_llama4.moe import Llama4TextMoe  # noqa: E402
+from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, EXPERT_WIDTH, VOCAB = 512, 4, 8, 2, 1024, 32000
+TWIN_WIDTH = 2 * EXPERT_WIDTH  # shared expert + one routed expert
+PROMPT_TOKENS = 16
+
+
+def our_config(experts: int, implementation: str) -> Llama4TextConfig:
+    config = Llama4TextConfig.from_preset(
+        "scout",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=EXPERT_WIDTH,
+        intermediate_size_mlp=TWIN_WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HIDDEN // HEADS,
+        num_local_experts=experts,
+        num_experts_per_tok=1,
+        moe_layers=None,
+        no_rope_layers=None,
+        layer_types=None,
+        moe_implementation=implementation,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_models(experts: int, implementation: str) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    ours = Llama4ForCausalLM(our_config(experts, implementation)).eval()
+    reference = TransformersLlama4ForCausalLM._from_config(
+        to_transformers_config(ours.config), attn_implementation="sdpa"
+    ).eval()
+    # assign=True: the reference holds the very same tensors, so the weights exist once in memory.
+    reference.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    mixtral = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=EXPERT_WIDTH,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            num_local_experts=experts,
+            num_experts_per_tok=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).eval()
+    mixtral.set_experts_implementation("grouped_mm")
+    assert mixtral.config._experts_implementation == "grouped_mm"
+    twin = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=TWIN_WIDTH,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).eval()
+    for model in (reference, mixtral, twin):
+        model.config._attn_implementation = "sdpa"
+    return {
+        "dense twin (Llama, FFN 2048)": twin,
+        f"ours ({implementation})": ours,
+        "transformers Llama4": reference,
+        "transformers Mixtral grouped_mm": mixtral,
+    }
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+def decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def check_parity(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_tokens: int) -> str:
+    """Ours must compute exactly what transformers' Llama4 computes on the same weights."""
+    ours = next(m for name, m in models.items() if name.startswith("ours"))
+    reference = models["transformers Llama4"]
+    sample = ids[:1, :128]
+    diff = (ours(input_ids=sample).logits - reference(input_ids=sample).logits).abs().max().item()
+    same_tokens = torch.equal(decode(ours, prompt, new_tokens), decode(reference, prompt, new_tokens))
+    return f"max |logit diff| vs transformers Llama4 on 128 tokens: {diff:.2e}; greedy tokens identical: {same_tokens}"
+
+
+def run(experts: int, args) -> list[dict]:
+    models = build_models(experts, args.implementation)
+    if args.also_grouped_mm:
+        models["ours (grouped_mm)"] = models[f"ours ({args.implementation})"]
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (args.batch, args.seq_len), generator=generator)
+    prompt = torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=generator)
+    times = {name: {"prefill": [], "decode": []} for name in models}
+
+    def prepare(name: str) -> torch.nn.Module:
+        """The model to time; "ours (grouped_mm)" is our model with its MoE layers switched over."""
+        if name.startswith("ours"):
+            wanted = "grouped_mm" if name == "ours (grouped_mm)" else args.implementation
+            for module in models[name].modules():
+                if isinstance(module, Llama4TextMoe):
+                    module.implementation = wanted
+        return models[name]
+
+    with torch.inference_mode():
+        parity = check_parity(models, ids, prompt, 8)
+        print(f"[{experts} experts] {parity}", flush=True)
+        for name in models:  # warm-up: allocator, oneDNN primitives, first-call paths
+            model = prepare(name)
+            prefill(model, ids[:, :64])
+            decode(model, prompt, 2)
+        for repeat in range(args.repeats):
+            for name in models:
+                if name == "transformers Llama4" and repeat >= args.reference_repeats:
+                    continue
+                model = prepare(name)
+                times[name]["prefill"].append(timed(lambda: prefill(model, ids)))
+                times[name]["decode"].append(timed(lambda: decode(model, prompt, args.new_tokens)) / args.new_tokens)
+            print(f"[{experts} experts] repeat {repeat + 1}/{args.repeats} done", flush=True)
+
+    twin = "dense twin (Llama, FFN 2048)"
+    twin_prefill = statistics.median(times[twin]["prefill"])
+    twin_decode = statistics.median(times[twin]["decode"])
+    rows = []
+    for name in models:
+        p, d = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
+        rows.append(
+            dict(
+                experts=experts,
+                model=name,
+                prefill_ms=p * 1e3,
+                prefill_speed=twin_prefill / p,
+                decode_ms=d * 1e3,
+                decode_speed=twin_decode / d,
+                runs=len(times[name]["prefill"]),
+                spread=(min(times[name]["prefill"]) * 1e3, max(times[name]["prefill"]) * 1e3),
+            )
+        )
+    rows[0]["parity"] = parity
+    del models
+    gc.collect()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| experts | model | prefill 4x512 (ms, median) | prefill speed vs twin | decode (ms/token, median) "
+        "| decode speed vs twin | runs | prefill min..max (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['experts']} | {r['model']} | {r['prefill_ms']:.1f} | {r['prefill_speed']:.2f}x | "
+            f"{r['decode_ms']:.2f} | {r['decode_speed']:.2f}x | {r['runs']} | "
+            f"{r['spread'][0]:.0f}..{r['spread'][1]:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--reference-repeats", type=int, default=3, help="repeats for transformers' Llama4 (slow: every expert)"
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--implementation", default="auto", choices=["auto", "loop", "grouped_mm", "dense"])
+    parser.add_argument("--also-grouped-mm", action="store_true", help="also time our model with grouped_mm")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--markdown", type=Path, default=None, help="append the results table to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = machine()
+    rows = []
+    for experts in args.experts:
+        rows.extend(run(experts, args))
+    report = "\n".join(
+        [
+            f"machine at start: {before}",
+            f"machine at end:   {machine()}",
+            *[f"{r['experts']} experts: {r['parity']}" for r in rows if "parity" in r],
+            "",
+            table(rows),
+        ]
+    )
+    print(report)
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write(f"\n```\n$ python bench/bench_moe.py {' '.join(argv or sys.argv[1:])}\n```\n\n{report}\n")
+
+
+if __name__ == "__main__":
+    main()
