@@ -23,9 +23,10 @@ Public entry points
   (``"<|video|>"`` likewise for videos) before ``encode_chat``; an unexpanded ``<|video|>`` is an error.
 
 How the protection works: before rendering, each string in the messages and tools is swapped for a
-private-use placeholder ``\\ue000<n>\\ue001``, the template is rendered around the placeholders (roles
-are checked against the known set, as they are the only user values the template writes outside
-them), and the rendered text is cut at the placeholders and at the ``{% generation %}`` span edges.
+private-use placeholder ``\\ue000<n>\\ue001`` (``role`` and item ``type`` values, which the template only
+compares, stay; an unknown role is an error; tool-schema keys are template text and may not contain
+``<|``), the template is rendered around the placeholders, and the rendered text is cut at the
+placeholders and at the ``{% generation %}`` span edges.
 Template pieces are encoded with special-token matching; each original string is encoded on its own
 with ``split_special_tokens=True``. The user's text never passes through the special-token matcher,
 so no escaping scheme exists to get around. A side effect: a message's tokens never merge with the
