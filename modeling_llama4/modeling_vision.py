@@ -51,10 +51,10 @@ class Llama4VisionAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = apply_vision_rotary(self.q_proj(hidden_states).view(heads_shape), cos, sin)
-        key = apply_vision_rotary(self.k_proj(hidden_states).view(heads_shape), cos, sin)
+        query = apply_vision_rotary(self.q_proj(hidden_states).view(heads_shape), rotation)
+        key = apply_vision_rotary(self.k_proj(hidden_states).view(heads_shape), rotation)
         value = self.v_proj(hidden_states).view(heads_shape)
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         output, _ = attend(
@@ -90,8 +90,8 @@ class Llama4VisionEncoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = Llama4VisionMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin)
+    def forward(self, hidden_states: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotation)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -198,10 +198,10 @@ class Llama4VisionModel(PreTrainedModel):
         hidden = self.layernorm_pre(hidden)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         angles = vision_rotary_angles(self.grid_size, head_dim, self.config.rope_theta, device=hidden.device)
-        cos, sin = angles.cos(), angles.sin()
+        rotation = torch.polar(torch.ones_like(angles), angles)
         states = (hidden,) if output_hidden_states else None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin)
+            hidden = layer(hidden, rotation)
             if output_hidden_states:
                 states += (hidden,)
         hidden = self.layernorm_post(hidden)[:, :-1]

@@ -20,12 +20,9 @@ def vision_rotary_angles(grid_size: int, head_dim: int, theta: float, device=Non
     return torch.cat([angles, angles.new_zeros(1, pairs)], dim=0)
 
 
-def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs of x (..., T, heads, head_dim) by angles given as cos/sin (T, head_dim // 2).
+def apply_vision_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs of x (..., T, heads, head_dim) by unit complex numbers (T, head_dim // 2).
 
-    Runs in fp32 and returns x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    Runs in fp32 (as complex64) and returns x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2).to(x.dtype)
