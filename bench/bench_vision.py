@@ -36,7 +36,8 @@ def build(width: int, layers: int):
     )
     ours = Llama4VisionModel(config).eval()
     known = set(transformers.Llama4VisionConfig.__dataclass_fields__)
-    fields = {k: v for k, v in config.to_dict().items() if k in known and k not in ("model_type", "transformers_version")}
+    skip = ("model_type", "transformers_version")
+    fields = {k: v for k, v in config.to_dict().items() if k in known and k not in skip}
     theirs = TransformersVisionModel(transformers.Llama4VisionConfig(**fields)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs

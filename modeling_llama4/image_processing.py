@@ -77,7 +77,9 @@ def _open(path) -> Image.Image:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path!r}: {err}. Pass a readable image file, a PIL image or an array") from err
+        raise ValueError(
+            f"cannot read image {path!r}: {err}. Pass a readable image file, a PIL image or an array"
+        ) from err
     return image
 
 
@@ -106,7 +108,8 @@ def to_uint8_chw(image) -> torch.Tensor:
         tensor = image.detach().cpu()
     else:
         raise TypeError(
-            f"unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes, a numpy array or a torch tensor"
+            f"unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes, a numpy array "
+            "or a torch tensor"
         )
     return _array_to_uint8_chw(tensor)
 
@@ -144,7 +147,9 @@ def _array_to_uint8_chw(tensor: torch.Tensor) -> torch.Tensor:
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if tuple(image.shape[-2:]) == (height, width):
         return image.float()
-    resized = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    resized = F.interpolate(
+        image[None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
     return resized[0].round().clamp(0, 255)
 
 
@@ -223,7 +228,9 @@ class Llama4ImageProcessor(BaseImageProcessor):
             grid = torch.cat([grid, thumbnail[None]], dim=0)
         return grid, (rows, cols)
 
-    def preprocess(self, images, max_patches: int | None = None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def preprocess(
+        self, images, max_patches: int | None = None, return_tensors: str | None = "pt", **kwargs
+    ) -> BatchFeature:
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         if return_tensors not in ("pt", None):

@@ -186,7 +186,8 @@ class Llama4VisionModel(PreTrainedModel):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
             raise ValueError(
                 f"pixel_values must have shape (num_tiles, {channels}, {size}, {size}) with every tile of every "
-                f"image stacked along the first axis (what Llama4ImageProcessor returns); got {tuple(pixel_values.shape)}"
+                "image stacked along the first axis (what Llama4ImageProcessor returns); "
+                f"got {tuple(pixel_values.shape)}"
             )
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **kwargs) -> BaseModelOutput:

@@ -200,7 +200,9 @@ class Llama4Processor(ProcessorMixin):
         if isinstance(media_options.get("fps"), (list, tuple)):
             media_options["fps"] = list(media_options["fps"])  # consumed one per video, in order
         options.pop("return_tensors", None)
-        batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
+        batched = bool(conversation) and isinstance(conversation, (list, tuple)) and isinstance(
+            conversation[0], (list, tuple)
+        )
         chats = list(conversation) if batched else [conversation]
         renderings = [
             self.tokenizer.render_chat(chat, tools=tools, chat_template=chat_template,
@@ -298,7 +300,9 @@ class Llama4Processor(ProcessorMixin):
         # Official folders name transformers' torchvision image processor ("Llama4ImageProcessorFast");
         # their settings are the same fields, so this package's processor reads them directly.
         subfolder = kwargs.pop("subfolder", "")
-        image_processor = Llama4ImageProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        image_processor = Llama4ImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
                                                         subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]

@@ -143,7 +143,8 @@ def test_logits_match_transformers(models, case):
         # a mirrored image, or tiles out of order, must show far beyond the tolerance
         altered = [ours(input_ids=input_ids, pixel_values=pixels.flip(-1), attention_mask=attention_mask).logits]
         if len(pixels) > 1:
-            altered.append(ours(input_ids=input_ids, pixel_values=pixels.roll(1, 0), attention_mask=attention_mask).logits)
+            rolled = pixels.roll(1, 0)
+            altered.append(ours(input_ids=input_ids, pixel_values=rolled, attention_mask=attention_mask).logits)
     real = attention_mask.bool()
     assert (got - expected)[real].abs().max() <= 1e-4
     for logits in altered:

@@ -136,7 +136,8 @@ def test_video_frames_are_sampled_uniformly_and_labelled_in_order(tiny, tokenize
     assert sample_frame_indices(10, 4) == [1, 3, 6, 8]
     assert sample_frame_indices(3, 8) == [0, 1, 2]
     frames = [solid(40, 30, (25 * i, 0, 0)) for i in range(10)]
-    chat = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What happens?"}]}]
+    chat = [{"role": "user", "content": [{"type": "video", "video": frames},
+                                         {"type": "text", "text": "What happens?"}]}]
     out = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True,
                                    num_frames=4, fps=2.0)
     expected = torch.cat([tiny.image_processor.tiles(frames[i], max_patches=1)[0] for i in (1, 3, 6, 8)])

@@ -11,7 +11,8 @@ from modeling_llama4.vision_rope import vision_rotary_angles
 
 def reference_config(config: Llama4VisionConfig) -> transformers.Llama4VisionConfig:
     known = set(transformers.Llama4VisionConfig.__dataclass_fields__)
-    fields = {k: v for k, v in config.to_dict().items() if k in known and k not in ("model_type", "transformers_version")}
+    skip = ("model_type", "transformers_version")
+    fields = {k: v for k, v in config.to_dict().items() if k in known and k not in skip}
     return transformers.Llama4VisionConfig(**fields)
 
 
