@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 from peft import LoraConfig
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
@@ -91,6 +92,10 @@ class RecipeArguments:
 def parse_recipe(training_config_class, arguments_class=RecipeArguments, args=None):
     """(recipe arguments, TRL training config, model config) from `--config YAML` plus CLI overrides;
     an unknown key in either is an error, so a stale or misspelt setting never goes unnoticed."""
+    args = list(sys.argv[1:] if args is None else args)
+    if "--dry_run" in args and not torch.cuda.is_available():
+        # The dry run only builds on the meta device: parse a GPU config (bf16) as a CPU run.
+        args += ["--use_cpu", "true"]
     parser = TrlParser((arguments_class, training_config_class, ModelConfig))
     recipe_args, training_args, model_args = parser.parse_args_and_config(args=args)
     if model_args.use_peft and recipe_args.lora_experts and model_args.lora_dropout != 0:
@@ -110,7 +115,7 @@ def build_tokenizer(recipe_args: RecipeArguments, model_args: ModelConfig):
 def model_config(recipe_args: RecipeArguments, model_args: ModelConfig):
     """The config of the model a recipe trains: the saved one, or the preset with overrides."""
     if model_args.model_name_or_path:
-        return AutoConfig.from_pretrained(model_args.model_name_or_path)
+        return MODEL_CLASSES[recipe_args.model_class].config_class.from_pretrained(model_args.model_name_or_path)
     if recipe_args.model_class == "conditional_generation":
         text = Llama4TextConfig.from_preset(recipe_args.model_preset, **recipe_args.model_overrides)
         return Llama4Config.from_preset(recipe_args.model_preset, text_config=text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -88,11 +89,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rl_method", choices=("grpo", "dpo"), default="grpo")
     parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", nargs="+", default=["add", "sub", "add_sub"], help="synthetic problem families")
+    parser.add_argument("--max_operand", type=int, default=9, help="largest number in a question")
+    parser.add_argument("--sft_args", type=shlex.split, default=[],
+                        help='extra sft.py arguments in one string, e.g. --sft_args="--learning_rate 3e-3"')
+    parser.add_argument("--rl_args", type=shlex.split, default=[], help="extra arguments of the RL script, likewise")
     args = parser.parse_args(argv)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    families, max_operand = ["add", "sub", "add_sub"], 20
+    families, max_operand = args.families, args.max_operand
     data_dir = out / "data"
     write_eval_data(data_dir, args.num_eval, families, max_operand)
 
@@ -114,12 +120,12 @@ def main(argv=None) -> list[dict]:
     sft_dir = out / "sft"
     t = time.time()
     sft.main(["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir", str(sft_dir),
-              *common, *(["--max_steps", str(args.sft_steps)] if args.sft_steps else [])])
+              *common, *(["--max_steps", str(args.sft_steps)] if args.sft_steps else []), *args.sft_args])
     record("sft", sft_dir, time.time() - t)
     curves["sft"] = ("loss", log_history(sft_dir))
 
     rl_dir = out / args.rl_method
-    rl_steps = ["--max_steps", str(args.rl_steps)] if args.rl_steps else []
+    rl_steps = (["--max_steps", str(args.rl_steps)] if args.rl_steps else []) + args.rl_args
     t = time.time()
     if args.rl_method == "grpo":
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",

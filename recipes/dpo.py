@@ -32,13 +32,11 @@ def preference_dataset(recipe_args) -> Dataset:
     return local_dataset(recipe_args)
 
 
-def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(DPOConfig, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "dpo")
+def make_trainer(recipe_args, training_args, model_args):
+    """The configured TRL trainer, ready to train (tests inspect it before training)."""
     tokenizer = build_tokenizer(recipe_args, model_args)
     model = build_model(recipe_args, model_args, training_args, tokenizer)
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model,
         ref_model=reference_model(model, model_args),
         args=training_args,
@@ -46,7 +44,13 @@ def main(args=None) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
-    return train_and_save(trainer, training_args)
+
+
+def main(args=None) -> dict:
+    recipe_args, training_args, model_args = parse_recipe(DPOConfig, args=args)
+    if recipe_args.dry_run:
+        return dry_run(recipe_args, training_args, model_args, "dpo")
+    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,13 @@ def reward_functions(recipe_args: GRPOArguments, tokenizer) -> list:
     return [for_trl(name, tokenizer, **options.get(name, {})) for name in recipe_args.rewards]
 
 
-def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(GRPOConfig, GRPOArguments, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "grpo")
+def make_trainer(recipe_args, training_args, model_args):
+    """The configured TRL trainer, ready to train (tests inspect it before training)."""
     if training_args.beta > 0 and not (model_args.model_name_or_path or model_args.use_peft):
         raise ValueError("beta > 0 needs a reference model: start from a saved model (--model_name_or_path) "
                          "or train LoRA adapters (--use_peft), or set beta: 0")
     tokenizer = build_tokenizer(recipe_args, model_args)
-    trainer = GRPOTrainer(
+    return GRPOTrainer(
         model=build_model(recipe_args, model_args, training_args, tokenizer),
         reward_funcs=reward_functions(recipe_args, tokenizer),
         args=training_args,
@@ -73,7 +71,13 @@ def main(args=None) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
-    return train_and_save(trainer, training_args)
+
+
+def main(args=None) -> dict:
+    recipe_args, training_args, model_args = parse_recipe(GRPOConfig, GRPOArguments, args=args)
+    if recipe_args.dry_run:
+        return dry_run(recipe_args, training_args, model_args, "grpo")
+    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,23 @@ def sft_dataset(recipe_args) -> Dataset:
     return local_dataset(recipe_args)
 
 
-def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(SFTConfig, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "sft")
+def make_trainer(recipe_args, training_args, model_args):
+    """The configured TRL trainer, ready to train (tests inspect it before training)."""
     tokenizer = build_tokenizer(recipe_args, model_args)
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=build_model(recipe_args, model_args, training_args, tokenizer),
         args=training_args,
         train_dataset=sft_dataset(recipe_args),
         processing_class=tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
-    return train_and_save(trainer, training_args)
+
+
+def main(args=None) -> dict:
+    recipe_args, training_args, model_args = parse_recipe(SFTConfig, args=args)
+    if recipe_args.dry_run:
+        return dry_run(recipe_args, training_args, model_args, "sft")
+    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
 
 
 if __name__ == "__main__":

