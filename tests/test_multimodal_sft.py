@@ -1,4 +1,4 @@
-"""One TRL SFTTrainer step on image chats trains the whole tiny multimodal model, vision tower included."""
+"""One TRL SFTTrainer step on image chats (loss on the replies only) trains the vision tower too."""
 
 import datasets
 import torch
@@ -36,6 +36,8 @@ def test_sft_step_updates_the_vision_tower(tmp_path):
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True, bf16=False,
         report_to="none", learning_rate=1e-3, save_strategy="no", max_length=None,
+        # the loss sees only the replies, so the tower learns through attention alone
+        assistant_only_loss=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=image_chats(), processing_class=processor)
     trainer.train()
