@@ -94,6 +94,7 @@ class ModelRunner:
             raise TypeError(f"{type(model).__name__}.forward takes no KV cache argument; the runner needs one")
         self.prefix_cache = prefix_cache
         self._takes_position_ids = "position_ids" in params
+        self._takes_logits_to_keep = "logits_to_keep" in params
         self.progress = progress
         self.pad_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -121,8 +122,13 @@ class ModelRunner:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(text)
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids): trailing context spaces move to the continuation, whole string is encoded."""
+    def encode_pair(
+        self, context: str, continuation: str, memo: dict[str, list[int]] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids): trailing context spaces move to the continuation, whole string is encoded.
+
+        `memo` caches context encodings across the requests of one call (the four MMLU choices share a context).
+        """
         if not context:
             raise ValueError("an empty context is not supported; every task here builds a non-empty prompt")
         n_spaces = len(context) - len(context.rstrip())
@@ -130,13 +136,18 @@ class ModelRunner:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
         whole = self.encode(context + continuation)
-        ctx = self.encode(context)
+        if memo is None:
+            ctx = self.encode(context)
+        else:
+            if context not in memo:
+                memo[context] = self.encode(context)
+            ctx = memo[context]
         return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ forward passes
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, use_cache: bool):
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache}
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, use_cache: bool, **extra):
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache, **extra}
         if self._takes_position_ids:
             kwargs["position_ids"] = positions
         if cache is not None:
@@ -185,8 +196,9 @@ class ModelRunner:
         if len(groups) != len(requests):
             raise ValueError(f"{len(groups)} group keys for {len(requests)} requests")
         scored = []
+        encoded: dict[str, list[int]] = {}
         for (context, continuation), group in zip(requests, groups):
-            ctx, cont = self.encode_pair(context, continuation)
+            ctx, cont = self.encode_pair(context, continuation, encoded)
             if not cont:
                 raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
             if len(cont) > self.max_length:
@@ -196,61 +208,59 @@ class ModelRunner:
             inp = full[-(self.max_length + 1):][:-1]
             scored.append(_Scored(tuple(inp), tuple(cont), group, truncated))
 
-        # One forward per distinct input: MMLU's four one-token answers share the same input.
-        unique: dict[tuple, dict] = {}
-        for s in scored:
-            unique.setdefault(s.inp, {"group": s.group if not s.truncated else ("truncated", s.inp)})
+        # One forward per distinct input: MMLU's four one-token answers share the same input. The continuation
+        # is always the tail of the input, so only the last `need` positions of each input are scored.
+        need: dict[tuple, int] = {}
         by_group: dict[object, list[tuple[int, ...]]] = {}
-        for inp, meta in unique.items():
-            by_group.setdefault(meta["group"], []).append(inp)
-        min_ctx: dict[tuple, int] = {}
-        for s in scored:
-            first_needed = len(s.inp) - len(s.cont)
-            min_ctx[s.inp] = min(min_ctx.get(s.inp, first_needed), first_needed)
+        for sc in scored:
+            if sc.inp not in need:
+                by_group.setdefault(sc.group if not sc.truncated else ("truncated", sc.inp), []).append(sc.inp)
+            need[sc.inp] = max(need.get(sc.inp, 0), len(sc.cont))
 
         logprobs: dict[tuple, torch.Tensor] = {}
-        bar = tqdm(total=len(unique), desc=desc, disable=not self.progress, leave=False)
+        bar = tqdm(total=len(need), desc=desc, disable=not self.progress, leave=False)
         for inputs in by_group.values():
-            prefix_len = self._shared_prefix(inputs, min(min_ctx[i] for i in inputs))
+            prefix_len = self._shared_prefix(inputs, min(len(i) - need[i] for i in inputs))
             cache = self._prefix(inputs[0][:prefix_len]) if prefix_len else None
             order = sorted(inputs, key=len, reverse=True)
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                rows = self._score_batch(batch, prefix_len, cache)
+                rows = self._score_batch(batch, prefix_len, cache, max(need[i] for i in batch))
                 for inp, row in zip(batch, rows):
                     logprobs[inp] = row
                 bar.update(len(batch))
         bar.close()
 
         results = []
-        for s in scored:
-            # row j of logprobs[inp] predicts token j+1 of the input sequence (offset by the cached prefix).
-            row = logprobs[s.inp]
-            offset = len(s.inp) - len(s.cont) - (len(s.inp) - row.shape[0])
-            lp = row[offset:offset + len(s.cont)]
-            target = torch.tensor(s.cont)
+        for sc in scored:
+            lp = logprobs[sc.inp][-len(sc.cont):]
+            target = torch.tensor(sc.cont)
             total = lp.gather(1, target[:, None]).sum().item()
             greedy = bool((lp.argmax(-1) == target).all())
             results.append((total, greedy))
         return results
 
-    def _score_batch(self, batch: list[tuple[int, ...]], prefix_len: int, cache) -> list[torch.Tensor]:
-        """Log-softmax rows for the positions after the prefix of each input (right-padded batch)."""
-        suffixes = [inp[prefix_len:] for inp in batch]
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), prefix_len + width), dtype=torch.long)
+    def _left_padded(self, suffixes: Sequence[Sequence[int]], prefix_len: int):
+        """[prefix | left padding | suffix] rows: ids of the non-prefix part, the full mask, positions continuing
+        the prefix. Every row ends in the last column, so the newest logits of all rows line up."""
+        n, width = len(suffixes), max(len(s) for s in suffixes)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
         mask[:, :prefix_len] = 1
-        for r, s in enumerate(suffixes):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, prefix_len:prefix_len + len(s)] = 1
-        positions = torch.arange(prefix_len, prefix_len + width)[None].expand(len(batch), -1)
+        for r, suffix in enumerate(suffixes):
+            ids[r, width - len(suffix):] = torch.tensor(suffix)
+            mask[r, prefix_len + width - len(suffix):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _score_batch(self, batch, prefix_len: int, cache, keep: int) -> list[torch.Tensor]:
+        """Log-softmax over the vocabulary at the last `keep` positions of each input."""
+        ids, mask, positions = self._left_padded([inp[prefix_len:] for inp in batch], prefix_len)
         batch_cache = self._batch_cache(cache, len(batch))
-        out = self._forward(
-            ids.to(self.device), mask.to(self.device), positions.to(self.device), batch_cache, batch_cache is not None
-        )
-        logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-        return [logp[r, : len(s)] for r, s in enumerate(suffixes)]
+        extra = {"logits_to_keep": keep} if self._takes_logits_to_keep else {}
+        out = self._forward(ids, mask, positions, batch_cache, batch_cache is not None, **extra)
+        logp = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1).cpu()
+        return list(logp)
 
     # ------------------------------------------------------------------ generation
 
@@ -338,15 +348,7 @@ class ModelRunner:
     def _generate_batch(self, suffixes, prefix_len, cache, stops, max_gen_toks, temperature, top_p, seeds):
         """Decode a batch: [prefix | left padding | suffix] with the padding masked and positions continuing the prefix."""
         n = len(suffixes)
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for r, s in enumerate(suffixes):
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, prefix_len + width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        ids, mask, positions = self._left_padded(suffixes, prefix_len)
         generators = None
         if seeds is not None:
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
