@@ -191,6 +191,8 @@ class Llama4VisionModel(PreTrainedModel):
             )
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **kwargs) -> BaseModelOutput:
+        if kwargs.get("output_attentions"):
+            raise ValueError("the vision tower does not return attention weights; drop output_attentions")
         self.check_pixel_values(pixel_values)
         weight = self.patch_embedding.linear.weight
         hidden = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))
