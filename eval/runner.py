@@ -162,7 +162,8 @@ class ModelRunner:
     def _prefix(self, ids: Sequence[int]):
         """Keys and values of a shared prefix, computed once."""
         t = torch.tensor([list(ids)], device=self.device)
-        out = self._forward(t, torch.ones_like(t), torch.arange(len(ids), device=self.device)[None], None, True)
+        extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
+        out = self._forward(t, torch.ones_like(t), torch.arange(len(ids), device=self.device)[None], None, True, **extra)
         return self._cache_of(out)
 
     @staticmethod
@@ -352,7 +353,8 @@ class ModelRunner:
         generators = None
         if seeds is not None:
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        out = self._forward(ids, mask, positions, self._batch_cache(cache, n), True)
+        extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
+        out = self._forward(ids, mask, positions, self._batch_cache(cache, n), True, **extra)
         batch_cache = self._cache_of(out)
         logits = out.logits[:, -1]
         active = list(range(n))
@@ -376,7 +378,7 @@ class ModelRunner:
                 batch_cache.batch_select_indices(sel)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos + 1
-            out = self._forward(nxt[:, None], mask, last_pos[:, None], batch_cache, True)
+            out = self._forward(nxt[:, None], mask, last_pos[:, None], batch_cache, True, **extra)
             batch_cache = self._cache_of(out)
             logits = out.logits[:, -1]
         return generated
