@@ -90,10 +90,12 @@ class _LoopGroupedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.new_empty(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
+            grad_w = torch.empty_like(weight)
         start = 0
         for e, count in enumerate(ctx.counts):
             if not count:
+                if grad_w is not None:
+                    grad_w[e].zero_()
                 continue
             rows = slice(start, start + count)
             if grad_x is not None:
