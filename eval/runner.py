@@ -57,6 +57,15 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _forward_parameters(model) -> dict:
+    """Named parameters of the model's forward, looking through wrappers (PEFT) whose forward is (*args, **kwargs)."""
+    params = inspect.signature(model.forward).parameters
+    base = getattr(model, "get_base_model", None)
+    if base is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        params = inspect.signature(base().forward).parameters
+    return dict(params)
+
+
 @dataclass
 class _Scored:
     """One log-likelihood request after tokenisation: model input and the continuation it scores."""
@@ -87,7 +96,7 @@ class ModelRunner:
         self.batch_size = batch_size
         self.max_length = max_length or resolve_max_length(model.config, tokenizer)
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
+        params = _forward_parameters(model)
         # transformers 5.x renamed the cache argument from past_key_values to cache; accept either.
         self._cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
         if self._cache_arg is None:
