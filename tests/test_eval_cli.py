@@ -159,3 +159,18 @@ def test_gsm8k_chat_uses_the_chat_template_and_any_gsm8k_dir(tiny_dir, tmp_path)
     assert res["gsm8k_chat"]["n"] == 3
     prompt = read_jsonl(tmp_path / "o" / "samples_gsm8k_chat.jsonl")[1]["prompt"]
     assert prompt == f"<s>[user] {CHAT_INSTRUCTION.format(question=rows[1]['question'])}\n[assistant] <think>"
+
+
+def test_humaneval_sampling_reports_pass_at_k_up_to_n(tiny_dir, tmp_path):
+    args = ["--model", str(tiny_dir), "--tasks", "humaneval", "--limit", "2", "--num-samples", "2",
+            "--temperature", "0.8", "--max-new-tokens", "6", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"]["humaneval"]
+    assert res["n"] == 2 and res["samples"] == 4 and "pass@1" in res and "pass@10" not in res
+    outputs = {s["doc_id"]: s["output"] for s in read_jsonl(tmp_path / "samples_humaneval.jsonl")}
+    assert set(outputs) == {"HumanEval/0#0", "HumanEval/0#1", "HumanEval/1#0", "HumanEval/1#1"}
+    # Seeded per (problem, sample): a fresh run gives the same samples.
+    assert main([*args[:-3], "--output-dir", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = {s["doc_id"]: s["output"] for s in read_jsonl(tmp_path / "again" / "samples_humaneval.jsonl")}
+    assert again == outputs
+    assert main([*args[:6], "--num-samples", "2", "--no-progress"]) == 2  # several greedy samples make no sense

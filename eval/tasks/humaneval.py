@@ -68,7 +68,7 @@ class HumanEval:
     def docs(self) -> list[dict]:
         """One doc per (problem, sample)."""
         return [
-            {"doc_id": f"{p['task_id']}#{s}", "problem": p, "sample": s, "prompt": p["prompt"]}
+            {"doc_id": f"{p['task_id']}#{s}", "problem": p, "index": i, "sample": s, "prompt": p["prompt"]}
             for i, p in enumerate(self.problems())
             for s in range(self.num_samples)
         ]
@@ -77,7 +77,7 @@ class HumanEval:
         return [docs[i:i + 32] for i in range(0, len(docs), 32)]
 
     def run(self, runner, docs: list[dict]) -> list[dict]:
-        seeds = [sample_seed(self.seed, int(d["problem"]["task_id"].split("/")[-1]), d["sample"]) for d in docs]
+        seeds = [sample_seed(self.seed, d["index"], d["sample"]) for d in docs]
         completions = runner.generate(
             [d["prompt"] for d in docs],
             until=UNTIL,
