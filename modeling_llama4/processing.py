@@ -223,7 +223,7 @@ class Llama4Processor(ProcessorMixin):
             image_layouts = [l for k, l in zip(kinds, layouts) if k == IMAGE_PLACEHOLDER]
             video_layouts = [l for k, l in zip(kinds, layouts) if k == VIDEO_PLACEHOLDER]
             rendering = rendering.expand(IMAGE_PLACEHOLDER, image_layouts).expand(VIDEO_PLACEHOLDER, video_layouts)
-            sample_ids, mask = self._encode_chat(rendering)
+            sample_ids, mask = self.tokenizer.encode_chat(rendering)
             if options.get("add_special_tokens") and self.tokenizer.bos_token_id is not None and (
                 not sample_ids or sample_ids[0] != self.tokenizer.bos_token_id
             ):
@@ -244,21 +244,6 @@ class Llama4Processor(ProcessorMixin):
         out = self._finish(ids, masks if return_assistant_tokens_mask else None, all_tiles, patch_counts,
                            tokenizer_kwargs, return_tensors, already_padded=False, batched=batched)
         return out if return_dict else out["input_ids"]
-
-    def _encode_chat(self, rendering):
-        # The Rust backend keeps the padding/truncation of the last ordinary tokenizer call, which
-        # would pad the chat's pieces against each other.
-        backend = self.tokenizer._tokenizer
-        padding, truncation = backend.padding, backend.truncation
-        backend.no_padding()
-        backend.no_truncation()
-        try:
-            return self.tokenizer.encode_chat(rendering)
-        finally:
-            if padding is not None:
-                backend.enable_padding(**padding)
-            if truncation is not None:
-                backend.enable_truncation(**truncation)
 
     def _finish(self, ids, assistant_masks, tiles, expanded_patch_counts, tokenizer_kwargs, return_tensors,
                 already_padded, attention_mask=None, batched=True) -> BatchFeature:

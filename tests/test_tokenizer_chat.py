@@ -172,3 +172,14 @@ def test_rendering_expansion_for_processors(tok):
     assert ids.count(tok.convert_tokens_to_ids("<|patch|>")) == 1
     assert ids.count(tok.convert_tokens_to_ids("<|image|>")) == 1  # the user's typed "<|image|>" stays text
     assert sum(mask) == 0
+
+
+def test_chat_encoding_ignores_padding_left_by_an_earlier_call():
+    # A fresh tokenizer: the padding state lives in the Rust backend this test changes.
+    tok = load_tokenizer()
+    chat = [{"role": "user", "content": "What happens?"}]
+    alone = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    tok(["a b c d e f g h i j", "x"], padding=True, truncation=True, max_length=4)
+    after = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert after == alone
+    assert tok(["a b c d e f g h i j", "x"], padding=True)["input_ids"][1][-1] == tok.pad_token_id

@@ -211,7 +211,12 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
                 raise ValueError("the chat has a video item; expand its frames with Llama4Processor (or "
                                  "ChatRendering.expand) before encoding")
         backend = self._tokenizer
+        # The Rust backend keeps the padding/truncation of the last ordinary call; left on, it would pad
+        # or cut the chat's pieces against each other.
         previous = backend.encode_special_tokens
+        padding, truncation = backend.padding, backend.truncation
+        backend.no_padding()
+        backend.no_truncation()
         try:
             backend.encode_special_tokens = False
             trusted = backend.encode_batch([s.text for s in segments if s.trusted], add_special_tokens=False)
@@ -219,6 +224,10 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
             untrusted = backend.encode_batch([s.text for s in segments if not s.trusted], add_special_tokens=False)
         finally:
             backend.encode_special_tokens = previous
+            if padding is not None:
+                backend.enable_padding(**padding)
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
         trusted, untrusted = iter(trusted), iter(untrusted)
         ids, mask = [], []
         for segment in segments:
