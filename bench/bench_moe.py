@@ -28,6 +28,7 @@ from transformers import Llama4ForCausalLM as TransformersLlama4ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from modeling_llama4.mlp import Llama4TextMLP  # noqa: E402
 from modeling_llama4.moe import Llama4TextMoe  # noqa: E402
 from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
 
@@ -206,6 +207,48 @@ def run(experts: int, args) -> list[dict]:
     return rows
 
 
+def layer_rows(experts: int, args) -> list[dict]:
+    """One FFN layer alone, per MoE implementation, forward and forward+backward, against the twin's
+    SwiGLU of width 2048: the evidence behind `moe_implementation="auto"`."""
+    torch.manual_seed(0)
+    clock = CLOCKS[args.clock]
+    moe = Llama4TextMoe(our_config(experts, "auto"))
+    twin = Llama4TextMLP(HIDDEN, TWIN_WIDTH)
+    x = torch.randn(args.batch, args.seq_len, HIDDEN)
+    token = torch.randn(1, 1, HIDDEN)
+    upstream = torch.randn_like(x)
+    implementations = ["loop", "grouped_mm"] + (["dense"] if experts <= 16 else [])
+    candidates = {"twin SwiGLU 2048": (lambda h: twin(h))}
+    for implementation in implementations:
+        candidates[f"moe {implementation}"] = (lambda h, i=implementation: _moe_with(moe, i, h))
+    times = {name: {"forward": [], "train": [], "decode": []} for name in candidates}
+    for _ in range(args.repeats):
+        for name, fn in candidates.items():
+            with torch.inference_mode():
+                times[name]["forward"].append(timed(lambda: fn(x), clock))
+                times[name]["decode"].append(timed(lambda: [fn(token) for _ in range(20)], clock) / 20)
+            times[name]["train"].append(timed(lambda: (fn(x) * upstream).sum().backward(), clock))
+    rows = []
+    for name in candidates:
+        rows.append({"experts": experts, "layer": name, **{k: statistics.median(v) * 1e3 for k, v in times[name].items()}})
+    return rows
+
+
+def _moe_with(moe: Llama4TextMoe, implementation: str, hidden: torch.Tensor) -> torch.Tensor:
+    moe.implementation = implementation
+    return moe(hidden)[0]
+
+
+def layer_table(rows: list[dict], args) -> str:
+    lines = [
+        f"| experts | layer | forward {args.batch}x{args.seq_len} (ms) | forward+backward (ms) | one token (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['experts']} | {r['layer']} | {r['forward']:.1f} | {r['train']:.1f} | {r['decode']:.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], args) -> str:
     lines = [
         f"| experts | model | prefill {args.batch}x{args.seq_len} (ms, median) | prefill speed vs twin "
@@ -246,24 +289,26 @@ def main(argv=None) -> None:
         "--clock", choices=sorted(CLOCKS), default="wall",
         help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a shared machine)",
     )
+    parser.add_argument(
+        "--layer", action="store_true",
+        help="time one FFN layer per MoE implementation (forward, forward+backward, one token) instead",
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="append the results table to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     before = machine()
-    rows = []
-    for experts in args.experts:
-        rows.extend(run(experts, args))
-    report = "\n".join(
-        [
-            f"machine at start: {before}",
-            f"machine at end:   {machine()}",
+    if args.layer:
+        body = layer_table([row for experts in args.experts for row in layer_rows(experts, args)], args)
+        notes = [f"clock: {args.clock}; medians of {args.repeats} repeats"]
+    else:
+        rows = [row for experts in args.experts for row in run(experts, args)]
+        body = table(rows, args)
+        notes = [
             *[f"{r['experts']} experts: {r['parity']}" for r in rows if "parity" in r],
             f"clock: {args.clock}; speed vs twin = twin time / model time (higher is faster)",
-            "",
-            table(rows, args),
         ]
-    )
+    report = "\n".join([f"machine at start: {before}", f"machine at end:   {machine()}", *notes, "", body])
     print(report)
     if args.markdown:
         with args.markdown.open("a") as f:

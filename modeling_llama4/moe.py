@@ -106,17 +106,25 @@ class _LoopGroupedMatmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert products run in: autocast's when it is on for x's device, else the weights'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
 def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped_mm kernel takes these operands: on CPU float32/bfloat16/float16, on
     CUDA bfloat16 from sm80 (torch's documented support), and 16-byte aligned rows everywhere."""
-    if not _HAS_GROUPED_MM or x.dtype != weight.dtype:
+    dtype = compute_dtype(x, weight)
+    if not _HAS_GROUPED_MM:
         return False
     if x.is_cuda:
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES:
+    elif x.device.type != "cpu" or dtype not in _GROUPED_MM_DTYPES:
         return False
-    row_bytes = x.element_size()
+    row_bytes = torch.finfo(dtype).bits // 8
     return all((n * row_bytes) % 16 == 0 for n in (weight.shape[1], weight.shape[2]))
 
 
@@ -136,15 +144,17 @@ class Llama4TextExperts(nn.Module):
     def forward(self, routed_in: torch.Tensor, tokens_per_expert: torch.Tensor, implementation: str) -> torch.Tensor:
         """SwiGLU of each row by its expert. `routed_in` (M, D) is sorted by expert, with
         `tokens_per_expert[e]` consecutive rows for expert e; `implementation` is "grouped_mm" or "loop"."""
+        dtype = compute_dtype(routed_in, self.gate_up_proj)
+        # Under autocast, run in its dtype like the nn.Linear layers around (grads still reach the
+        # full-precision parameters through the cast).
+        routed_in, gate_up_proj, down_proj = (t.to(dtype) for t in (routed_in, self.gate_up_proj, self.down_proj))
         if implementation == "grouped_mm":
             offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-            gate_up = F.grouped_mm(routed_in, self.gate_up_proj, offs=offsets)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate) * up, self.down_proj, offs=offsets)
+            gate, up = F.grouped_mm(routed_in, gate_up_proj, offs=offsets).chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, down_proj, offs=offsets)
         counts = tokens_per_expert.tolist()
-        gate_up = _LoopGroupedMatmul.apply(routed_in, self.gate_up_proj, counts)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return _LoopGroupedMatmul.apply(F.silu(gate) * up, self.down_proj, counts)
+        gate, up = _LoopGroupedMatmul.apply(routed_in, gate_up_proj, counts).chunk(2, dim=-1)
+        return _LoopGroupedMatmul.apply(F.silu(gate) * up, down_proj, counts)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of rows `x` (n, D) through expert `index` alone."""
@@ -264,7 +274,7 @@ class Llama4TextMoe(nn.Module):
         return torch.cat(pairs).view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
 
     def _routed_dense(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=scores.dtype, device=x.device)
         dense_scores = dense_scores.scatter(1, experts, scores)
         scaled_in = x.unsqueeze(0) * dense_scores.t().unsqueeze(-1)
         return self.experts.forward_all(scaled_in).sum(0)

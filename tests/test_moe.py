@@ -175,6 +175,23 @@ def test_bfloat16_runs_every_implementation_close_to_fp32():
             torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_autocast_bfloat16_trains_fp32_weights(implementation):
+    """Under CPU autocast the experts run in bfloat16 like the linear layers, and gradients reach
+    the float32 parameters."""
+    moe = make_moe(moe_implementation=implementation)
+    x = torch.randn(2, 5, moe.hidden_dim)
+    with torch.no_grad():
+        ref, _ = dense_reference(moe, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = moe(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    for name, param in moe.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+
+
 def skewed_stream(moe: Llama4TextMoe, steps: int, tokens: int = 64):
     """Tokens whose router logits favour expert 0 by a wide margin, the other experts' logits random."""
     generator = torch.Generator().manual_seed(0)
