@@ -43,7 +43,7 @@ def expose(path: str, keep: str) -> list[str]:
     failed = []
     parts = [p for p in os.path.realpath(path).split("/") if p]
     current = "/"
-    for i, part in enumerate(parts):
+    for part in parts:
         child = os.path.join(current, part)
         if os.stat(current).st_mode & 0o001 == 0:
             hold = os.path.join(keep, str(len(os.listdir(keep))))
@@ -55,7 +55,8 @@ def expose(path: str, keep: str) -> list[str]:
             if err:
                 failed.append(err)
                 break
-            os.mkdir(child) if not os.path.isdir(child) else None
+            if not os.path.isdir(child):
+                os.mkdir(child)
             err = mount(hold, child, None, MS_MOVE)
             if err:
                 failed.append(err)
@@ -73,7 +74,7 @@ def read_only_everywhere() -> list[str]:
         if any(point == w or point.startswith(w + "/") for w in WRITABLE):
             continue
         err = mount("none", point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        if err and point == "/":
+        if err:
             failed.append(err)
     return failed
 
