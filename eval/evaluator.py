@@ -175,7 +175,7 @@ def evaluate(
         results = {task.name: task.aggregate(records)}
         config.update(predictions=str(predictions), task_config={task.name: task.config()})
         if output_dir and procs.rank == 0:
-            SampleStore(output_dir, task.name, {"predictions": str(predictions), **task.config()}).add(records)
+            SampleStore(output_dir, task.name, {"predictions": str(predictions), **task.config()}, fresh=True).add(records)
             write_report(output_dir, results, config)
         return results
 

@@ -25,13 +25,19 @@ class SampleStore:
     directory is an error rather than a silent mix of two runs.
     """
 
-    def __init__(self, output_dir: str | Path | None, task: str, fingerprint: dict, writer: bool = True):
+    def __init__(
+        self, output_dir: str | Path | None, task: str, fingerprint: dict, writer: bool = True, fresh: bool = False
+    ):
         self.path = Path(output_dir) / f"samples_{task}.jsonl" if output_dir else None
         self.writer = writer
         self.records: dict[str, dict] = {}
         if self.path is None:
             return
         meta_path = self.path.with_suffix(".config.json")
+        if fresh and writer:
+            # Scoring a predictions file is cheap and self-contained: its samples replace any earlier ones.
+            self.path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
         if meta_path.exists():
             previous = json.loads(meta_path.read_text())
             if previous != fingerprint:

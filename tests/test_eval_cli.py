@@ -174,3 +174,14 @@ def test_humaneval_sampling_reports_pass_at_k_up_to_n(tiny_dir, tmp_path):
     again = {s["doc_id"]: s["output"] for s in read_jsonl(tmp_path / "again" / "samples_humaneval.jsonl")}
     assert again == outputs
     assert main([*args[:6], "--num-samples", "2", "--no-progress"]) == 2  # several greedy samples make no sense
+
+
+def test_predictions_rescored_into_the_same_dir_replace_the_samples(shared_data, tmp_path):
+    pred = tmp_path / "p.jsonl"
+    out = tmp_path / "out"
+    for answer in ("#### 1", "#### 2"):
+        pred.write_text(json.dumps({"doc_id": 0, "completion": answer}) + "\n")
+        assert main(["--tasks", "gsm8k_cot", "--predictions", str(pred), "--data-dir", str(shared_data),
+                     "--output-dir", str(out)]) == 0
+    samples = read_jsonl(out / "samples_gsm8k_cot.jsonl")
+    assert [s["output"] for s in samples] == ["#### 2"]
