@@ -11,8 +11,10 @@ from .modeling_text import (
     Llama4TextModel,
 )
 from .modeling_vision import Llama4VisionModel
+from .moe import Llama4TextMoe, expert_load_metrics
 from .parameter_count import parameter_counts
 from .processing import Llama4Processor
+from .router_losses import load_balancing_loss, router_z_loss
 from .transformers_compat import from_transformers_config, to_transformers_config
 
 __all__ = [
@@ -26,9 +28,13 @@ __all__ = [
     "Llama4Processor",
     "Llama4TextConfig",
     "Llama4TextModel",
+    "Llama4TextMoe",
     "Llama4VisionConfig",
     "Llama4VisionModel",
+    "expert_load_metrics",
     "from_transformers_config",
+    "load_balancing_loss",
     "parameter_counts",
+    "router_z_loss",
     "to_transformers_config",
 ]
