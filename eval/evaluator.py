@@ -184,14 +184,19 @@ def evaluate(
     fingerprint = _model_fingerprint(model, dtype)
     if isinstance(model, (str, Path)):
         model, loaded_tok = load_model(
-            str(model), tokenizer=tokenizer if isinstance(tokenizer, str) else None, dtype=dtype,
+            str(model), tokenizer=str(tokenizer) if isinstance(tokenizer, (str, Path)) else None, dtype=dtype,
             device=str(procs.device or device), trust_remote_code=trust_remote_code,
         )
-        tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else loaded_tok
-    elif tokenizer is None:
-        raise ValueError("an in-memory model needs its tokenizer: evaluate(model, tokenizer, ...)")
-    elif procs.device is not None:
-        model = model.to(procs.device)
+        tokenizer = loaded_tok if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+    else:
+        if tokenizer is None:
+            raise ValueError("an in-memory model needs its tokenizer: evaluate(model, tokenizer, ...)")
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
+        if procs.device is not None:
+            model = model.to(procs.device)
     runner = ModelRunner(model, tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
                          progress=progress and procs.rank == 0)
 
