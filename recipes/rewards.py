@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 from math_verify import parse, verify
 
+from eval.sandbox import run_programs
+
 THINK_START = "<|reasoning_thinking_start|>"
 THINK_END = "<|reasoning_thinking_end|>"
 _FORMAT = re.compile(re.escape(THINK_START) + r"(?P<reasoning>.*?\S.*?)" + re.escape(THINK_END) + r"(?P<answer>.*?\S.*)",
@@ -73,8 +75,6 @@ def extract_code(answer: str) -> str:
 def code_reward(completions: Sequence[str], tests: Sequence[str], timeout: float = 3.0, **_) -> list[float | None]:
     """1.0 when the answer's code passes its tests in the eval sandbox, 0.0 when it fails, crashes or
     times out, None for a row without tests."""
-    from eval.sandbox import run_programs  # the sandbox is only needed by code tasks
-
     rows = [(i, extract_code(split_completion(c)[1]) + "\n\n" + t) for i, (c, t) in enumerate(zip(completions, tests, strict=True)) if t and t.strip()]
     rewards: list[float | None] = [None] * len(completions)
     for (i, _), verdict in zip(rows, run_programs([source for _, source in rows], timeout=timeout)):

@@ -1,10 +1,15 @@
 """Synthetic reasoning data: verified answers, deterministic by seed, disjoint splits."""
 
+import random
 import re
 
 import pytest
 
+from eval.sandbox import run_programs
 from recipes.data.arithmetic import FAMILIES, generate_problems
+from recipes.data.preferences import corrupt, preference_rows
+from recipes.data.programs import generate_program_tasks
+from recipes.data.rejection_sampling import verified_rows
 
 
 def _evaluate_chain(reasoning: str) -> int:
@@ -47,3 +52,46 @@ def test_bad_arguments_are_named():
         generate_problems(1, families=("calculus",))
     with pytest.raises(ValueError, match="distinct"):
         generate_problems(10_000, families=("add",), max_operand=2)
+
+
+def test_corrupted_chain_is_self_consistent_but_wrong():
+    rng = random.Random(0)
+    for problem in generate_problems(200, seed=1, families=tuple(FAMILIES)):
+        wrong = corrupt(problem, rng)
+        assert wrong.answer != problem.answer and wrong.question == problem.question
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", wrong.reasoning)
+        ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+        assert sum(ops[op](int(x), int(y)) != int(z) for x, op, y, z in steps) == 1
+        assert steps[-1][3] == str(wrong.answer)
+        # Later steps start from the corrupted result, as a real slip would propagate.
+        for (_, _, _, z), (x, _, _, _) in zip(steps, steps[1:]):
+            assert x == z
+
+
+def test_preference_rows_pair_a_verified_chain_with_a_wrong_one():
+    problems = generate_problems(20, seed=2)
+    rows = preference_rows(problems, template="Q: {question}", seed=0)
+    for problem, row in zip(problems, rows):
+        assert row["prompt"] == [{"role": "user", "content": f"Q: {problem.question}"}]
+        assert row["chosen"][0]["content"] == f"The final answer is {problem.answer}"
+        assert row["rejected"][0]["content"] != row["chosen"][0]["content"]
+
+
+def test_program_reference_solutions_pass_their_tests_in_the_sandbox():
+    tasks = generate_program_tasks(12, seed=0)
+    verdicts = run_programs([t.solution + "\n" + t.tests for t in tasks])
+    assert all(v.passed for v in verdicts), [v.detail for v in verdicts if not v.passed]
+    # The tests can fail: a wrong constant is caught.
+    wrong = tasks[0].solution.replace("return", "return 1 +")
+    assert not run_programs([wrong + "\n" + tasks[0].tests])[0].passed
+    train = {t.question for t in generate_program_tasks(300, seed=0)}
+    assert not train & {t.question for t in generate_program_tasks(30, seed=0, split="test")}
+
+
+def test_rejection_sampling_keeps_only_verified_well_formed_chains():
+    problem = generate_problems(1, seed=0, families=("add",))[0]
+    right = f"<|reasoning_thinking_start|>{problem.reasoning}<|reasoning_thinking_end|>The final answer is {problem.answer}"
+    samples = [right, right, right.replace(str(problem.answer), str(problem.answer + 1)),
+               f"The final answer is {problem.answer}"]
+    rows = verified_rows([problem], [samples])
+    assert rows == [{"messages": problem.messages()}]

@@ -151,9 +151,13 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     single = subprocess.run([sys.executable, *common, "--per_device_train_batch_size", "8", "--output_dir",
                              str(tmp_path / "single")], env=_env(), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    assert "world_size=2" in ddp.stderr or "num_processes=2" in ddp.stderr or True
-    ddp_losses, single_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
-    assert ddp_losses == pytest.approx(single_losses, rel=1e-3)
-    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+    ddp_state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    # Two processes of 4 consumed 8 of the 32 examples per step, as the single process of 8 did.
+    assert ddp_state["epoch"] == pytest.approx(3 * 8 / 32)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+    # Adam can move a weight whose gradient is only reduction-order noise by up to lr per step, so
+    # compare what the models compute rather than every element.
+    probe = torch.tensor([list(range(4096, 4100)) + list(range(100, 160))])
+    with torch.no_grad():
+        logits = [Llama4ForCausalLM.from_pretrained(tmp_path / run)(probe).logits for run in ("ddp", "single")]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)

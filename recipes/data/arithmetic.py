@@ -7,14 +7,13 @@ problem belongs to is a hash of its question text: a held-out ("test") question 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
+from .splits import check_split, split_of
+
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
-SPLITS = ("train", "test")
-TEST_FRACTION_PER_MILLE = 100
 
 
 @dataclass(frozen=True)
@@ -28,8 +27,7 @@ class Problem:
 
     @property
     def split(self) -> str:
-        digest = hashlib.sha256(self.question.encode()).digest()
-        return "test" if int.from_bytes(digest[:4], "big") % 1000 < TEST_FRACTION_PER_MILLE else "train"
+        return split_of(self.question)
 
     @property
     def final(self) -> str:
@@ -108,8 +106,7 @@ def generate_problems(
 ) -> list[Problem]:
     """`n` distinct problems of `split`, drawn round-robin from `families`; the same arguments always
     give the same list."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     unknown = set(families) - set(FAMILIES)
     if unknown or not families:
         raise ValueError(f"unknown problem families {sorted(unknown)}; choose from {sorted(FAMILIES)}")

@@ -24,8 +24,10 @@ def corrupt(problem: Problem, rng: random.Random) -> Problem:
         a = carried.get(a, a)  # the generators' chains carry a result as the next step's left operand
         value = _OPS[op](int(a), int(b))
         if i == bad:
-            # Never land on the true value or below zero: the rejected answer must be wrong.
-            value += rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0])
+            # Never the true value, never below zero; an intermediate result only grows, so the
+            # later steps (which subtract from it) stay non-negative too.
+            deltas = (-3, -2, -1, 1, 2, 3) if i == len(steps) - 1 else (1, 2, 3)
+            value += rng.choice([d for d in deltas if value + d >= 0])
         if str(value) != c:
             carried[c] = str(value)
         steps[i] = [a, op, b, str(value)]
