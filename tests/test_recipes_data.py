@@ -10,6 +10,7 @@ from recipes.data.arithmetic import FAMILIES, generate_problems
 from recipes.data.preferences import corrupt, preference_rows
 from recipes.data.programs import generate_program_tasks
 from recipes.data.rejection_sampling import verified_rows
+from recipes.data.shapes import COLORS, generate_scenes
 
 
 def _evaluate_chain(reasoning: str) -> int:
@@ -95,3 +96,18 @@ def test_rejection_sampling_keeps_only_verified_well_formed_chains():
                f"The final answer is {problem.answer}"]
     rows = verified_rows([problem], [samples])
     assert rows == [{"messages": problem.messages()}]
+
+
+def test_shape_images_show_exactly_the_counted_shapes():
+    scenes = generate_scenes(30, seed=0, image_size=48)
+    assert scenes == generate_scenes(30, seed=0, image_size=48)
+    for scene in scenes:
+        pixels = scene.image().load()
+        cell = 48 / 3
+        for i, content in enumerate(scene.cells):
+            centre = pixels[int((i % 3 + 0.5) * cell), int((i // 3 + 0.6) * cell)]
+            assert centre == (COLORS[content[1]] if content else (255, 255, 255)), (scene, i)
+        assert scene.answer == sum(1 for c in scene.cells if c and c[0] == scene.target)
+        assert scene.row()["messages"][1]["content"] == f"The final answer is {scene.answer}"
+    test = {(s.cells, s.target) for s in generate_scenes(20, seed=0, split="test")}
+    assert not test & {(s.cells, s.target) for s in generate_scenes(300, seed=0)}

@@ -1,6 +1,8 @@
 """Arithmetic and unit-conversion word problems with worked chains of thought.
 
-Every problem is generated from its numbers, so its answer is verified by construction. The split a
+Every problem is generated from its numbers, so its answer is verified by construction. The numbers
+come last in each question, at a fixed distance from the end of the prompt for a given phrasing, so
+a small model learns to find them quickly (the demo trains one from scratch in minutes). The split a
 problem belongs to is a hash of its question text: a held-out ("test") question can never appear in
 "train", whatever seed or size either was generated with.
 """
@@ -49,7 +51,7 @@ class Problem:
 def _add(rng: random.Random, hi: int) -> Problem:
     name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(1, hi), rng.randint(1, hi)
     return Problem(
-        f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+        f"{name} collects {item}. How many {item} does {name} have after starting with {a} and getting {b} more?",
         f"{a} + {b} = {a + b}.", a + b, "add",
     )
 
@@ -59,7 +61,7 @@ def _sub(rng: random.Random, hi: int) -> Problem:
     a = rng.randint(2, hi)
     b = rng.randint(1, a - 1)
     return Problem(
-        f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+        f"{name} collects {item}. How many {item} are left after starting with {a} and giving away {b}?",
         f"{a} - {b} = {a - b}.", a - b, "sub",
     )
 
@@ -68,7 +70,7 @@ def _mul(rng: random.Random, hi: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(2, max(2, hi // 2)), rng.randint(2, 9)
     return Problem(
-        f"{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have?",
+        f"{name} packs {item} in boxes. How many {item} are in {a} boxes of {b}?",
         f"{a} * {b} = {a * b}.", a * b, "mul",
     )
 
@@ -78,7 +80,7 @@ def _add_sub(rng: random.Random, hi: int) -> Problem:
     a, b = rng.randint(1, hi), rng.randint(1, hi)
     c = rng.randint(1, a + b - 1)
     return Problem(
-        f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?",
+        f"{name} collects {item}. How many {item} does {name} have after starting with {a}, getting {b} more and giving away {c}?",
         f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c, "add_sub",
     )
 
