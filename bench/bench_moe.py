@@ -145,7 +145,10 @@ def check_parity(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_toke
     sample = ids[:1, :128]
     diff = (ours(input_ids=sample).logits - reference(input_ids=sample).logits).abs().max().item()
     same_tokens = torch.equal(decode(ours, prompt, new_tokens), decode(reference, prompt, new_tokens))
-    return f"max |logit diff| vs transformers Llama4 on 128 tokens: {diff:.2e}; greedy tokens identical: {same_tokens}"
+    return (
+        f"max |logit diff| vs transformers Llama4 on {sample.shape[1]} tokens: {diff:.2e}; "
+        f"greedy tokens identical: {same_tokens}"
+    )
 
 
 def run(experts: int, args) -> list[dict]:
@@ -180,7 +183,8 @@ def run(experts: int, args) -> list[dict]:
                 model = prepare(name)
                 clock = CLOCKS[args.clock]
                 times[name]["prefill"].append(timed(lambda: prefill(model, ids), clock))
-                times[name]["decode"].append(timed(lambda: decode(model, prompt, args.new_tokens), clock) / args.new_tokens)
+                decode_time = timed(lambda: decode(model, prompt, args.new_tokens), clock)
+                times[name]["decode"].append(decode_time / args.new_tokens)
             print(f"[{experts} experts] repeat {repeat + 1}/{args.repeats} done", flush=True)
 
     twin = "dense twin (Llama, FFN 2048)"
@@ -230,7 +234,8 @@ def layer_rows(experts: int, args) -> list[dict]:
             times[name]["train"].append(timed(lambda: (fn(x) * upstream).sum().backward(), clock))
     rows = []
     for name in candidates:
-        rows.append({"experts": experts, "layer": name, **{k: statistics.median(v) * 1e3 for k, v in times[name].items()}})
+        medians = {kind: statistics.median(values) * 1e3 for kind, values in times[name].items()}
+        rows.append({"experts": experts, "layer": name, **medians})
     return rows
 
 

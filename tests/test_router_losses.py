@@ -87,7 +87,10 @@ def test_decoding_mask_uses_the_latest_positions():
     torch.testing.assert_close(
         load_balancing_loss(layers, config, past_and_now), load_balancing_loss(layers, config, now)
     )
-    torch.testing.assert_close(load_balancing_loss(layers, config, now), load_balancing_loss([l[:1] for l in layers], config))
+    first_sequence_only = [layer[:1] for layer in layers]
+    torch.testing.assert_close(
+        load_balancing_loss(layers, config, now), load_balancing_loss(first_sequence_only, config)
+    )
 
 
 def test_z_loss_is_mean_squared_logsumexp_and_shrinks_logits():
