@@ -221,7 +221,7 @@ def layer_rows(experts: int, args) -> list[dict]:
     x = torch.randn(args.batch, args.seq_len, HIDDEN)
     token = torch.randn(1, 1, HIDDEN)
     upstream = torch.randn_like(x)
-    implementations = ["loop", "grouped_mm"] + (["dense"] if experts <= 16 else [])
+    implementations = ["loop", "grouped_mm", "padded"] + (["dense"] if experts <= 16 else [])
     candidates = {"twin SwiGLU 2048": (lambda h: twin(h))}
     for implementation in implementations:
         candidates[f"moe {implementation}"] = (lambda h, i=implementation: _moe_with(moe, i, h))
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--implementation", default="auto", choices=["auto", "loop", "grouped_mm", "dense"])
+    parser.add_argument("--implementation", default="auto", choices=["auto", "loop", "grouped_mm", "padded", "dense"])
     parser.add_argument("--also-grouped-mm", action="store_true", help="also time our model with grouped_mm")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(

@@ -16,7 +16,7 @@ from .presets import TEXT_PRESETS, VISION_PRESETS, composite_preset
 
 MOE_BALANCING = ("none", "aux_loss_free")
 # How the routed experts are computed; "auto" picks the fastest that runs on the device (see moe.py).
-MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "dense")
+MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "padded", "dense")
 
 
 def _preset(table: dict, name: str) -> dict:

@@ -13,9 +13,12 @@ parameters, and added back to their tokens.
 * "grouped_mm": torch's grouped GEMM kernel (CUDA bfloat16 on sm80+; CPU float32/bfloat16/float16);
 * "loop": one matrix product per expert that received tokens (any device and dtype), with its own
   backward;
+* "padded": each expert's tokens padded to the busiest expert's count, then two batched products
+  (bmm) over all experts: more FLOPs, but one parallel region per product on a multi-threaded CPU;
 * "dense": every expert on every token, unselected ones scored 0 — the reference implementations'
   formula, E times the work, but with static shapes (for compilers and graph capture);
-* "auto" (default): grouped_mm where it runs, else the loop.
+* "auto" (default): on CUDA grouped_mm; on a CPU running several threads "padded" while padding at
+  most doubles the work, else grouped_mm where it runs, else the loop.
 Outside "dense" and "grouped_mm", decoding a handful of tokens without expert gradients sends each
 (token, expert) pair straight through its expert's weights, skipping the sort/gather/scatter.
 """
@@ -33,6 +36,8 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this many (token, expert) pairs, decoding skips the sort/gather/scatter machinery.
 _DIRECT_PAIRS = 4
+# "auto" pads experts to the busiest one's token count only while that at most doubles the work.
+_MAX_PADDING = 2
 
 
 class Llama4Router(nn.Linear):
@@ -162,8 +167,7 @@ class Llama4TextExperts(nn.Module):
         return (F.silu(gate) * up) @ self.down_proj[index]
 
     def forward_all(self, scaled_in: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own input: `scaled_in` (E, N, D) -> (E, N, D). Static shapes (for
-        compilers and graph capture) at E times the routed work."""
+        """Every expert on its own rows: `scaled_in` (E, N, D) -> (E, N, D), two batched products."""
         gate, up = torch.bmm(scaled_in, self.gate_up_proj).chunk(2, dim=-1)
         return torch.bmm(F.silu(gate) * up, self.down_proj)
 
@@ -225,10 +229,16 @@ class Llama4TextMoe(nn.Module):
             self._update_expert_bias(tokens_per_expert)
             # Stable sort keeps each expert's tokens in sequence order (deterministic accumulation).
             order = flat_experts.argsort(stable=True)
-            token_of_slot = order // self.top_k
-            routed_in = x.index_select(0, token_of_slot) * scores.reshape(-1, 1).index_select(0, order)
-            routed_out = self.experts(routed_in, tokens_per_expert, implementation)
-            out = self.shared_expert(x).index_add(0, token_of_slot, routed_out)
+            if implementation == "auto":
+                implementation = self._padded_or_grouped(x, tokens_per_expert)
+            if implementation == "padded":
+                routed = self._routed_padded(x, scores, flat_experts, order, tokens_per_expert)
+                out = self.shared_expert(x) + routed
+            else:
+                token_of_slot = order // self.top_k
+                routed_in = x.index_select(0, token_of_slot) * scores.reshape(-1, 1).index_select(0, order)
+                routed_out = self.experts(routed_in, tokens_per_expert, implementation)
+                out = self.shared_expert(x).index_add(0, token_of_slot, routed_out)
         return out.reshape(batch, seq_len, self.hidden_dim), router_logits
 
     @property
@@ -239,7 +249,8 @@ class Llama4TextMoe(nn.Module):
         return torch.bincount(self._last_selection.reshape(-1), minlength=self.num_experts)
 
     def _implementation(self, x: torch.Tensor, pairs: int) -> str:
-        """"dense", "grouped_mm", "loop", or "direct" (the loop's shortcut for decoding a few tokens)."""
+        """"dense", "grouped_mm", "loop", "padded", "direct" (the shortcut for decoding a few tokens), or
+        "auto" when the choice between padded and grouped products depends on the routing."""
         grouped_mm_runs = _grouped_mm_runs(x, self.experts.gate_up_proj)
         if self.implementation == "grouped_mm" and not grouped_mm_runs:
             raise ValueError(
@@ -247,7 +258,7 @@ class Llama4TextMoe(nn.Module):
                 "the weights' dtype (float32/bfloat16/float16 on CPU, bfloat16 on CUDA sm80+), and hidden_size / "
                 "intermediate_size whose rows are multiples of 16 bytes; use moe_implementation='loop' or 'auto'"
             )
-        if self.implementation in ("dense", "grouped_mm"):
+        if self.implementation in ("dense", "grouped_mm", "padded"):
             return self.implementation
         # On CUDA, grouped_mm never waits for the host; the direct and loop paths read the routing
         # back to the host. Without gradients for the experts, a few pairs go straight through.
@@ -255,8 +266,19 @@ class Llama4TextMoe(nn.Module):
             return "grouped_mm"
         if 0 < pairs <= _DIRECT_PAIRS and not self._expert_weights_need_grad():
             return "direct"
-        # On CPU both run at the same speed forward; grouped_mm's backward is faster (bench_moe.md).
+        if self.implementation == "auto" and not x.is_cuda and torch.get_num_threads() > 1:
+            return "auto"
         return "grouped_mm" if self.implementation == "auto" and grouped_mm_runs else "loop"
+
+    def _padded_or_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> str:
+        """CPU with several threads: one batched product over experts padded to the busiest one
+        is a single parallel region, where per-expert products are one each (2 per expert and layer);
+        each region waits for all threads, which costs a lot on busy cores (bench_moe.md). Padding
+        costs FLOPs, so only while it at most doubles the work."""
+        capacity = int(tokens_per_expert.max())
+        if self.num_experts * capacity <= _MAX_PADDING * int(tokens_per_expert.sum()):
+            return "padded"
+        return "grouped_mm" if _grouped_mm_runs(x, self.experts.gate_up_proj) else "loop"
 
     def _expert_weights_need_grad(self) -> bool:
         return torch.is_grad_enabled() and (
@@ -272,6 +294,29 @@ class Llama4TextMoe(nn.Module):
             for slot, expert in enumerate(experts.reshape(-1).tolist())
         ]
         return torch.cat(pairs).view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
+
+    def _routed_padded(
+        self,
+        x: torch.Tensor,
+        scores: torch.Tensor,
+        flat_experts: torch.Tensor,
+        order: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each (token, expert) pair gets a row in an (E, capacity, D) block, capacity being the
+        busiest expert's count; two batched products run every expert on its rows (the padding rows
+        are zeros and are never read back)."""
+        pairs = flat_experts.numel()
+        capacity = int(tokens_per_expert.max())
+        first_of_expert = tokens_per_expert.cumsum(0) - tokens_per_expert
+        rank_sorted = torch.arange(pairs, device=x.device) - first_of_expert.index_select(0, flat_experts[order])
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+        row = flat_experts * capacity + rank
+        scaled_in = (x.unsqueeze(1) * scores.unsqueeze(-1)).reshape(pairs, self.hidden_dim)
+        block = scaled_in.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy(0, row, scaled_in)
+        routed = self.experts.forward_all(block.view(self.num_experts, capacity, self.hidden_dim))
+        routed = routed.reshape(-1, self.hidden_dim).index_select(0, row)
+        return routed.view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
 
     def _routed_dense(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=scores.dtype, device=x.device)

@@ -11,7 +11,7 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextMoe as HFTextMo
 from modeling_llama4.configuration_llama4 import Llama4TextConfig
 from modeling_llama4.moe import Llama4TextMoe, _LoopGroupedMatmul, expert_load_metrics
 
-IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "dense"]
+IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "padded", "dense"]
 
 
 def make_config(**overrides) -> Llama4TextConfig:
@@ -106,6 +106,24 @@ def test_float64_and_unaligned_shapes_fall_back_to_the_loop(implementation):
         torch.testing.assert_close(grad_x, ref_grad_x)
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_auto_pads_only_balanced_routing_on_multithreaded_cpu():
+    moe = make_moe()
+    x = torch.randn(1, 64, moe.hidden_dim)
+    balanced = torch.full((8,), 8)
+    collapsed = torch.tensor([57, 1, 1, 1, 1, 1, 1, 1])
+    assert moe._padded_or_grouped(x, balanced) == "padded"
+    assert moe._padded_or_grouped(x, collapsed) == "grouped_mm"
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert moe._implementation(x.reshape(64, -1), 64) == ("grouped_mm" if count == 1 else "auto")
+            with torch.no_grad():
+                torch.testing.assert_close(moe(x)[0], dense_reference(moe, x)[0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_frozen_experts_still_give_input_gradients_on_the_decode_path():
