@@ -20,7 +20,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
-import modeling_llama4  # noqa: F401  registers the model types in every launched process
+# Importing the package registers the model types, also in processes accelerate launches.
 from modeling_llama4 import (
     Llama4Config,
     Llama4ForCausalLM,

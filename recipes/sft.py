@@ -5,11 +5,14 @@
 
 Conversational `messages` rows; assistant turns carry their chain in `reasoning`, which the chat
 template renders inside the thinking block, so `assistant_only_loss` trains chain and answer only.
+`dataset_name: shapes` trains the multimodal model (`model_class: conditional_generation`) on
+shape-counting images through `Llama4Processor`.
 """
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from modeling_llama4 import Llama4ImageProcessor, Llama4Processor
 from recipes.common import (
     PROMPT_TEMPLATES,
     build_model,
@@ -20,10 +23,23 @@ from recipes.common import (
     synthetic_problems,
     train_and_save,
 )
+from recipes.data.shapes import generate_scenes
 from recipes.dry_run import dry_run
 
 
-def sft_dataset(recipe_args) -> Dataset:
+def processor_for(model, tokenizer) -> Llama4Processor:
+    vision = model.config.vision_config
+    image_processor = Llama4ImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
+    return Llama4Processor(image_processor, tokenizer, patch_size=vision.patch_size,
+                           pixel_shuffle_ratio=vision.pixel_shuffle_ratio)
+
+
+def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
+    if recipe_args.dataset_name == "shapes":
+        if image_size is None:
+            raise ValueError("dataset_name 'shapes' is multimodal: use model_class conditional_generation")
+        scenes = generate_scenes(recipe_args.num_train_examples, seed=recipe_args.problem_seed, image_size=image_size)
+        return Dataset.from_list([scene.row() for scene in scenes])
     if recipe_args.dataset_name == "arithmetic":
         template = PROMPT_TEMPLATES[recipe_args.prompt_style]
         return Dataset.from_list([{"messages": p.messages(template)} for p in synthetic_problems(recipe_args)])
@@ -33,11 +49,14 @@ def sft_dataset(recipe_args) -> Dataset:
 def make_trainer(recipe_args, training_args, model_args):
     """The configured TRL trainer, ready to train (tests inspect it before training)."""
     tokenizer = build_tokenizer(recipe_args, model_args)
+    model = build_model(recipe_args, model_args, training_args, tokenizer)
+    vision = getattr(model.config, "vision_config", None)
+    multimodal = recipe_args.dataset_name == "shapes" and vision is not None
     return SFTTrainer(
-        model=build_model(recipe_args, model_args, training_args, tokenizer),
+        model=model,
         args=training_args,
-        train_dataset=sft_dataset(recipe_args),
-        processing_class=tokenizer,
+        train_dataset=sft_dataset(recipe_args, vision.image_size if multimodal else None),
+        processing_class=processor_for(model, tokenizer) if multimodal else tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
 

