@@ -1,12 +1,12 @@
 """`make demo`: train chain-of-thought arithmetic into the tiny multimodal MoE on CPU, and prove it.
 
-    python -m recipes.demo [--output_dir runs/demo] [--sft_steps N] [--rl_steps N] [--rl_method grpo|dpo]
+    python -m recipes.demo [--output_dir runs/demo] [--sft_steps N] [--rl_steps N] [--rl_method dpo|grpo]
 
 1. Build the tiny `Llama4ForConditionalGeneration` (vision tower included, freshly initialised) with
    the shipped tokenizer, and write held-out synthetic problems in GSM8K layout.
 2. Score it with the eval harness's `gsm8k_chat` task (greedy, its own generations).
 3. SFT on worked chains (`recipes/sft.py` with `configs/tiny/sft.yaml`), score again.
-4. GRPO with answer and format rewards (or DPO on verified vs corrupted chains), score again.
+4. DPO on verified vs corrupted chains (or GRPO with answer and format rewards), score again.
 5. Print the stage table and save `results.json` and `demo.png` (accuracy per stage, training curves).
 """
 
@@ -86,7 +86,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--sft_steps", type=int, default=None, help="default: configs/tiny/sft.yaml's max_steps")
     parser.add_argument("--rl_steps", type=int, default=None, help="default: the RL config's max_steps")
-    parser.add_argument("--rl_method", choices=("grpo", "dpo"), default="grpo")
+    parser.add_argument("--rl_method", choices=("dpo", "grpo"), default="dpo")
     parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", nargs="+", default=["add", "sub", "add_sub"], help="synthetic problem families")

@@ -88,7 +88,7 @@ def test_dpo_lora_prefers_the_verified_chain(tmp_path, experts):
     out = tmp_path / "dpo"
     args = parse_recipe(DPOConfig, args=["--config", str(TINY / "dpo.yaml"), *QUICK, "--per_device_train_batch_size",
                                          "8", "--max_steps", "4", "--learning_rate", "5e-3", "--output_dir", str(out),
-                                         "--lora_experts", str(experts).lower()])
+                                         "--lora_experts", str(experts).lower(), "--loss_type", "sigmoid"])
     trainer = dpo.make_trainer(*args)
     adapted = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("shared_expert" in n for n in adapted) and any("self_attn" in n for n in adapted)
