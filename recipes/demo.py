@@ -113,6 +113,8 @@ def main(argv=None) -> list[dict]:
                        "n": result["n"], "train_seconds": round(seconds, 1)})
         print(f"[demo] {stage}: strict {result['exact_match_strict']:.1%}, flexible {result['exact_match_flexible']:.1%} "
               f"({time.time() - start:.0f}s elapsed)", flush=True)
+        # Written after every stage, so an interrupted demo keeps what it measured.
+        (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": time.time() - start}, indent=2))
 
     init_dir = build_initial_model(out, args.seed)
     record("init", init_dir, 0.0)
@@ -141,7 +143,6 @@ def main(argv=None) -> list[dict]:
     for s in stages:
         print(f"| {s['stage']} | {s['strict']:.1%} | {s['flexible']:.1%} | {s['train_seconds']} |")
     print(f"total {time.time() - start:.0f}s; {args.num_eval} held-out problems; outputs in {out}")
-    (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": time.time() - start}, indent=2))
     plot(stages, curves, out / "demo.png")
     return stages
 
