@@ -146,13 +146,34 @@ class Llama4TextExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
         nn.init.normal_(self.down_proj, std=config.initializer_range)
 
-    def forward(self, routed_in: torch.Tensor, tokens_per_expert: torch.Tensor, implementation: str) -> torch.Tensor:
-        """SwiGLU of each row by its expert. `routed_in` (M, D) is sorted by expert, with
-        `tokens_per_expert[e]` consecutive rows for expert e; `implementation` is "grouped_mm" or "loop"."""
+    def forward(
+        self,
+        routed_in: torch.Tensor,
+        implementation: str,
+        tokens_per_expert: torch.Tensor | None = None,
+        expert_index: list[int] | None = None,
+    ) -> torch.Tensor:
+        """SwiGLU of rows by their experts; every expert computation goes through here, so that wrappers
+        of this module (PEFT's LoRA on `gate_up_proj`/`down_proj`) see each use of the weights.
+
+        * "grouped_mm" / "loop": `routed_in` (M, D) sorted by expert, `tokens_per_expert[e]`
+          consecutive rows for expert e.
+        * "batched": `routed_in` (E, N, D), every expert on its own N rows (padded and dense paths).
+        * "direct": `routed_in` (P, D), row p through expert `expert_index[p]` (decoding a few tokens).
+        """
         dtype = compute_dtype(routed_in, self.gate_up_proj)
         # Under autocast, run in its dtype like the nn.Linear layers around (grads still reach the
         # full-precision parameters through the cast).
         routed_in, gate_up_proj, down_proj = (t.to(dtype) for t in (routed_in, self.gate_up_proj, self.down_proj))
+        if implementation == "batched":
+            gate, up = torch.bmm(routed_in, gate_up_proj).chunk(2, dim=-1)
+            return torch.bmm(F.silu(gate) * up, down_proj)
+        if implementation == "direct":
+            rows = []
+            for row, expert in enumerate(expert_index):
+                gate, up = (routed_in[row : row + 1] @ gate_up_proj[expert]).chunk(2, dim=-1)
+                rows.append((F.silu(gate) * up) @ down_proj[expert])
+            return torch.cat(rows)
         if implementation == "grouped_mm":
             offsets = tokens_per_expert.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(routed_in, gate_up_proj, offs=offsets).chunk(2, dim=-1)
@@ -160,16 +181,6 @@ class Llama4TextExperts(nn.Module):
         counts = tokens_per_expert.tolist()
         gate, up = _LoopGroupedMatmul.apply(routed_in, gate_up_proj, counts).chunk(2, dim=-1)
         return _LoopGroupedMatmul.apply(F.silu(gate) * up, down_proj, counts)
-
-    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of rows `x` (n, D) through expert `index` alone."""
-        gate, up = (x @ self.gate_up_proj[index]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_proj[index]
-
-    def forward_all(self, scaled_in: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows: `scaled_in` (E, N, D) -> (E, N, D), two batched products."""
-        gate, up = torch.bmm(scaled_in, self.gate_up_proj).chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, self.down_proj)
 
 
 def _in_backward_pass() -> bool:
@@ -237,7 +248,7 @@ class Llama4TextMoe(nn.Module):
             else:
                 token_of_slot = order // self.top_k
                 routed_in = x.index_select(0, token_of_slot) * scores.reshape(-1, 1).index_select(0, order)
-                routed_out = self.experts(routed_in, tokens_per_expert, implementation)
+                routed_out = self.experts(routed_in, implementation, tokens_per_expert)
                 out = self.shared_expert(x).index_add(0, token_of_slot, routed_out)
         return out.reshape(batch, seq_len, self.hidden_dim), router_logits
 
@@ -251,7 +262,7 @@ class Llama4TextMoe(nn.Module):
     def _implementation(self, x: torch.Tensor, pairs: int) -> str:
         """"dense", "grouped_mm", "loop", "padded", "direct" (the shortcut for decoding a few tokens), or
         "auto" when the choice between padded and grouped products depends on the routing."""
-        grouped_mm_runs = _grouped_mm_runs(x, self.experts.gate_up_proj)
+        grouped_mm_runs = _grouped_mm_runs(x, self._unwrapped_experts().gate_up_proj)
         if self.implementation == "grouped_mm" and not grouped_mm_runs:
             raise ValueError(
                 "moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.9), inputs of "
@@ -278,22 +289,22 @@ class Llama4TextMoe(nn.Module):
         capacity = int(tokens_per_expert.max())
         if self.num_experts * capacity <= _MAX_PADDING * int(tokens_per_expert.sum()):
             return "padded"
-        return "grouped_mm" if _grouped_mm_runs(x, self.experts.gate_up_proj) else "loop"
+        return "grouped_mm" if _grouped_mm_runs(x, self._unwrapped_experts().gate_up_proj) else "loop"
+
+    def _unwrapped_experts(self) -> Llama4TextExperts:
+        """The experts module itself, also when an adapter library has wrapped it (PEFT's ParamWrapper)."""
+        return self.experts.get_base_layer() if hasattr(self.experts, "get_base_layer") else self.experts
 
     def _expert_weights_need_grad(self) -> bool:
-        return torch.is_grad_enabled() and (
-            self.experts.gate_up_proj.requires_grad or self.experts.down_proj.requires_grad
-        )
+        """Whether anything in the experts trains: their weights, or adapters wrapped around them."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters())
 
     def _routed_direct(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Decoding a handful of tokens: each (token, expert) pair straight through that expert's
         weights, with no sort, gather or scatter (their fixed costs dominate at this size)."""
         scaled_in = (x.unsqueeze(1) * scores.unsqueeze(-1)).reshape(-1, self.hidden_dim)
-        pairs = [
-            self.experts.expert(expert, scaled_in[slot : slot + 1])
-            for slot, expert in enumerate(experts.reshape(-1).tolist())
-        ]
-        return torch.cat(pairs).view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
+        routed = self.experts(scaled_in, "direct", expert_index=experts.reshape(-1).tolist())
+        return routed.view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
 
     def _routed_padded(
         self,
@@ -314,7 +325,7 @@ class Llama4TextMoe(nn.Module):
         row = flat_experts * capacity + rank
         scaled_in = (x.unsqueeze(1) * scores.unsqueeze(-1)).reshape(pairs, self.hidden_dim)
         block = scaled_in.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy(0, row, scaled_in)
-        routed = self.experts.forward_all(block.view(self.num_experts, capacity, self.hidden_dim))
+        routed = self.experts(block.view(self.num_experts, capacity, self.hidden_dim), "batched")
         routed = routed.reshape(-1, self.hidden_dim).index_select(0, row)
         return routed.view(x.shape[0], self.top_k, self.hidden_dim).sum(1)
 
@@ -322,7 +333,7 @@ class Llama4TextMoe(nn.Module):
         dense_scores = torch.zeros(x.shape[0], self.num_experts, dtype=scores.dtype, device=x.device)
         dense_scores = dense_scores.scatter(1, experts, scores)
         scaled_in = x.unsqueeze(0) * dense_scores.t().unsqueeze(-1)
-        return self.experts.forward_all(scaled_in).sum(0)
+        return self.experts(scaled_in, "batched").sum(0)
 
     def _update_expert_bias(self, tokens_per_expert: torch.Tensor | None) -> None:
         """DeepSeek-V3 aux-loss-free balancing, once per training forward (not in no-grad evaluation,

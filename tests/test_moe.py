@@ -297,3 +297,27 @@ def test_bad_inputs_raise_clear_errors():
         make_config(moe_implementation="fast")
     with pytest.raises(ValueError, match="moe_bias_update_rate"):
         make_config(moe_bias_update_rate=-1.0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 9)], ids=["decode", "prefill"])
+def test_lora_on_the_fused_experts_reaches_every_path(implementation, shape):
+    """PEFT's `target_parameters` LoRA applies its delta only inside the wrapped experts' forward; every
+    implementation (the decode shortcut included) must go through it, so the adapted block equals the
+    block with the delta merged into the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    moe = make_moe(moe_implementation=implementation).eval()
+    adapted = get_peft_model(
+        moe,
+        LoraConfig(r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                   init_lora_weights=False),
+    )
+    x = torch.randn(*shape, moe.hidden_dim)
+    with torch.no_grad():
+        with adapted.disable_adapter():
+            base, _ = adapted(x)
+        out, _ = adapted(x)
+        merged, _ = adapted.merge_and_unload()(x)
+    assert (out - base).abs().max() > 1e-3
+    torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-5)
