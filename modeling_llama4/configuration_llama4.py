@@ -182,6 +182,11 @@ class Llama4TextConfig(PreTrainedConfig):
             **kwargs,
         )
 
+    def _validate_llama3_rope_parameters(self, rope_parameters: dict, ignore_keys=None) -> None:
+        """transformers' llama3 check warns on Scout's shipped scaling (low_freq_factor == high_freq_factor,
+        an empty blend band, which the formula handles); ours accepts it and rejects what is really wrong."""
+        _fold_rope(rope_parameters, None, None, 500000.0)
+
     def validate_architecture(self) -> None:
         """Raise a ValueError naming the field and the fix for a config no model can be built from."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
