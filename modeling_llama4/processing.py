@@ -175,7 +175,7 @@ class Llama4Processor(ProcessorMixin):
         continue_final_message: bool | str = False,
         tokenize: bool = False,
         return_dict: bool = False,
-        return_tensors: str | None = "pt",
+        return_tensors: str | None = None,
         return_assistant_tokens_mask: bool = False,
         processor_kwargs: dict | None = None,
         **kwargs,
@@ -183,7 +183,9 @@ class Llama4Processor(ProcessorMixin):
         """The chat in the Llama 4 format with its images and videos expanded and tiled.
 
         `tokenize=False` returns the rendered text with the bare placeholders (as the chat
-        template writes them); `tokenize=True, return_dict=True` returns what the model takes.
+        template writes them); `tokenize=True, return_dict=True, return_tensors="pt"` returns what the
+        model takes. Without `return_tensors` the ids are batched lists, one per chat, as transformers'
+        processors return them (TRL's template checks rely on that).
         With this package's tokenizer, message text is encoded as plain text (a user's "<|eot|>"
         stays characters); other tokenizers (e.g. an official checkpoint's) go through
         transformers' generic path, which renders one string and calls this processor on it."""
@@ -241,8 +243,9 @@ class Llama4Processor(ProcessorMixin):
             limit = tokenizer_kwargs.get("max_length") or self.tokenizer.model_max_length
             ids = [seq[:limit] for seq in ids]
             masks = [seq[:limit] for seq in masks]
+        # Batched like transformers' processors (lists by default), whether one chat or several came in.
         out = self._finish(ids, masks if return_assistant_tokens_mask else None, all_tiles, patch_counts,
-                           tokenizer_kwargs, return_tensors, already_padded=False, batched=batched)
+                           tokenizer_kwargs, return_tensors, already_padded=False, batched=True)
         return out if return_dict else out["input_ids"]
 
     def _finish(self, ids, assistant_masks, tiles, expanded_patch_counts, tokenizer_kwargs, return_tensors,

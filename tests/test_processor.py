@@ -67,7 +67,8 @@ def test_chat_with_two_images_of_different_sizes_feeds_the_model(tiny, model):
         {"type": "text", "text": "Compare with"},
         {"type": "image", "image": solid(30, 30, (0, 255, 0))},
     ]}]
-    inputs = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True)
+    inputs = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                      return_tensors="pt")
     # 96x32 -> 1 row x 3 cols + thumbnail = 4 tiles; 30x30 -> 1 tile
     assert inputs["pixel_values"].shape == (5, 3, 32, 32)
     patches = int((inputs["input_ids"] == tiny.image_token_id).sum())
@@ -101,7 +102,8 @@ def test_assistant_mask_covers_the_reply(tiny, tokenizer):
     chat = [{"role": "user", "content": [{"type": "image", "image": solid(40, 40)}, {"type": "text", "text": "Hi"}]},
             {"role": "assistant", "content": "A square."}]
     tokenizer(["warm up the backend", "with padding"], padding=True)  # must not leak into chat encoding
-    out = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  return_tensors="pt")
     reply = out["input_ids"][0][out["assistant_masks"][0].bool()]
     assert tokenizer.decode(reply) == "A square.<|eot|>"
     assert int((out["input_ids"] == tokenizer.pad_token_id).sum()) == 0
@@ -139,7 +141,7 @@ def test_video_frames_are_sampled_uniformly_and_labelled_in_order(tiny, tokenize
     chat = [{"role": "user", "content": [{"type": "video", "video": frames},
                                          {"type": "text", "text": "What happens?"}]}]
     out = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                   num_frames=4, fps=2.0)
+                                   num_frames=4, fps=2.0, return_tensors="pt")
     expected = torch.cat([tiny.image_processor.tiles(frames[i], max_patches=1)[0] for i in (1, 3, 6, 8)])
     torch.testing.assert_close(out["pixel_values"], expected)
     text = tokenizer.decode(out["input_ids"][0]).replace("<|patch|>" * 16, "P")
@@ -175,7 +177,7 @@ def test_save_and_load_with_trust_remote_code(tiny, model, tmp_path):
     chat = [{"role": "user", "content": [{"type": "image", "image": solid(64, 48, (200, 10, 10))},
                                          {"type": "text", "text": "Describe"}]}]
     with torch.no_grad():
-        expected = model(**tiny.apply_chat_template(chat, tokenize=True, return_dict=True)).logits[0, -1]
+        expected = model(**tiny.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")).logits[0, -1]
     # A fresh interpreter where this package cannot be imported: everything comes from the folder.
     script = textwrap.dedent(f"""
         import sys
@@ -190,7 +192,7 @@ def test_save_and_load_with_trust_remote_code(tiny, model, tmp_path):
         chat = [{{"role": "user", "content": [{{"type": "image", "image": Image.new("RGB", (64, 48), (200, 10, 10))}},
                                              {{"type": "text", "text": "Describe"}}]}}]
         with torch.no_grad():
-            logits = model(**processor.apply_chat_template(chat, tokenize=True, return_dict=True)).logits[0, -1]
+            logits = model(**processor.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")).logits[0, -1]
         print(" ".join(repr(x) for x in logits.tolist()))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -225,7 +227,7 @@ def test_a_plain_fast_tokenizer_gives_the_same_chat_inputs(tiny, tokenizer):
     )
     chat = [{"role": "user", "content": [{"type": "image", "image": solid(64, 32)},
                                          {"type": "text", "text": "Describe"}]}]
-    settings = dict(tokenize=True, return_dict=True, add_generation_prompt=True)
+    settings = dict(tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt")
     expected = tiny.apply_chat_template(chat, **settings)
     got = Llama4Processor(tiny.image_processor, plain, patch_size=4).apply_chat_template(chat, **settings)
     assert torch.equal(got["input_ids"], expected["input_ids"])
@@ -253,3 +255,16 @@ def test_loads_an_official_style_processor_folder(tokenizer, tmp_path):
     assert isinstance(processor.image_processor, Llama4ImageProcessor) and processor.tokens_per_tile == 144
     out = processor(text="<|image|>", images=solid(640, 480), add_special_tokens=False)
     assert out["input_ids"].shape == (1, 727)
+
+
+def test_chat_output_is_batched_lists_by_default_and_passes_trls_template_check(tiny, tokenizer):
+    """Like transformers' processors: without return_tensors, one list of ids per chat. TRL's
+    `assistant_only_loss` check reads the processor's output that way."""
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]
+    out = tiny.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert isinstance(out["input_ids"], list) and isinstance(out["input_ids"][0], list)
+    assert len(out["input_ids"][0]) == len(out["assistant_masks"][0])
+    assert is_chat_template_stop_token_trained(tiny)
