@@ -19,7 +19,10 @@ from trl import DPOConfig, GRPOConfig, SFTConfig
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from recipes import dpo, grpo, sft
 from recipes.common import parse_recipe
+from recipes.data.arithmetic import generate_problems
+from recipes.data.preferences import on_policy_rows
 from recipes.grpo import GRPOArguments
+from recipes.rewards import THINK_END, THINK_START
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny"
@@ -77,6 +80,29 @@ def test_sft_checkpoint_reloads_with_from_pretrained(tmp_path):
     saved = load_file(out / "model.safetensors")
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_on_policy_dpo_pairs_each_failed_sample_with_a_verified_one(tmp_path):
+    """The pairs come from the starting model's own samples, checked by the rewards; problems it always
+    solves give none, and the gold chain stands in where no sample verified."""
+    problems = generate_problems(2, seed=0, split="train", families=("add",), max_operand=9)
+    right = [f"{THINK_START}{p.reasoning}{THINK_END}{p.final}" for p in problems]
+    wrong = f"{THINK_START}1 + 1 = 2{THINK_END}The final answer is {problems[0].answer + 1}"
+    rows = on_policy_rows(problems, [[right[0], wrong, wrong, "no thinking block"], [right[1]] * 3])
+    assert len(rows) == 2 and all(r["prompt"] == problems[0].prompt() for r in rows)
+    assert {r["rejected"][0]["content"] for r in rows} == {f"The final answer is {problems[0].answer + 1}",
+                                                          "no thinking block"}
+    assert all(r["chosen"] == [{"role": "assistant", "reasoning": problems[0].reasoning, "content": problems[0].final}]
+               for r in rows)
+    gold = on_policy_rows(problems[:1], [[wrong]])
+    assert gold[0]["chosen"] == problems[0].messages()[1:]
+
+    args = parse_recipe(DPOConfig, dpo.DPOArguments, args=[
+        "--config", str(TINY / "dpo.yaml"), *QUICK, "--use_peft", "false", "--on_policy_samples", "2",
+        "--max_steps", "1", "--output_dir", str(tmp_path)])
+    trainer = dpo.make_trainer(*args)
+    # A fresh model never verifies, so every one of its distinct samples is a rejected completion.
+    assert 8 <= len(trainer.train_dataset) <= 16
 
 
 @pytest.mark.parametrize("experts", [False, True], ids=["attn+shared", "experts"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 
+from ..rewards import accuracy_reward, format_reward, split_completion
 from .arithmetic import Problem
 
 _STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
@@ -47,4 +48,29 @@ def preference_rows(problems: list[Problem], template: str = "{question}", seed:
             "chosen": problem.messages()[1:],
             "rejected": wrong.messages()[1:],
         })
+    return rows
+
+
+def on_policy_rows(problems: list[Problem], completions: list[list[str]], template: str = "{question}") -> list[dict]:
+    """Preference pairs from a model's own samples: each sample that fails verification (wrong answer or
+    malformed) is rejected against a verified one of the same problem, or the gold chain when none verified.
+    Problems the model always solves give no pair, so training pushes only where the policy errs."""
+    rows = []
+    for problem, samples in zip(problems, completions, strict=True):
+        gold = [problem.gsm8k_row()["answer"]] * len(samples)
+        verdicts = [ok == 1.0 and fmt == 1.0 for ok, fmt in zip(accuracy_reward(samples, answer=gold),
+                                                               format_reward(samples))]
+        right = sorted({text for text, ok in zip(samples, verdicts) if ok})
+        wrong = sorted({text for text, ok in zip(samples, verdicts) if not ok})
+        for i, text in enumerate(wrong):
+            if right:
+                reasoning, answer = split_completion(right[i % len(right)])
+                chosen = [{"role": "assistant", "reasoning": reasoning, "content": answer}]
+            else:
+                chosen = problem.messages()[1:]
+            reasoning, answer = split_completion(text)
+            rejected = {"role": "assistant", "content": answer}
+            if reasoning is not None:
+                rejected["reasoning"] = reasoning
+            rows.append({"prompt": problem.prompt(template), "chosen": chosen, "rejected": [rejected]})
     return rows
