@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def main(argv=None) -> list[dict]:
     start = time.time()
 
     def record(stage: str, model_dir: Path, seconds: float) -> None:
+        # Every run trains its models anew, so samples an earlier run scored belong to other weights.
+        shutil.rmtree(out / "eval" / stage, ignore_errors=True)
         result = score(model_dir, data_dir, out / "eval" / stage)
         stages.append({"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
                        "n": result["n"], "train_seconds": round(seconds, 1)})
