@@ -203,6 +203,17 @@ def resume_checkpoint(training_args) -> str | None:
     return last
 
 
+def run_recipe(method: str, training_config_class, make_trainer, args=None, arguments_class=RecipeArguments) -> dict:
+    """A recipe script's whole run: parse its arguments, then either the dry run or train and save."""
+    # Imported here: the dry run builds on this module's model and LoRA helpers.
+    from .dry_run import dry_run
+
+    recipe_args, training_args, model_args = parse_recipe(training_config_class, arguments_class, args=args)
+    if recipe_args.dry_run:
+        return dry_run(recipe_args, training_args, model_args, method)
+    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+
+
 def train_and_save(trainer, training_args) -> dict:
     """Train (resuming when asked), then save the model as safetensors with its tokenizer and chat template."""
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

@@ -20,14 +20,12 @@ from recipes.common import (
     local_dataset,
     logger,
     lora_config,
-    parse_recipe,
+    run_recipe,
     reference_model,
     synthetic_problems,
-    train_and_save,
 )
 from recipes.data.preferences import on_policy_rows, preference_rows
 from recipes.data.rejection_sampling import sample_completions
-from recipes.dry_run import dry_run
 
 
 @dataclass
@@ -79,10 +77,7 @@ def make_trainer(recipe_args, training_args, model_args):
 
 
 def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(DPOConfig, DPOArguments, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "dpo")
-    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+    return run_recipe("dpo", DPOConfig, make_trainer, args, DPOArguments)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from recipes.common import (
     build_tokenizer,
     local_dataset,
     lora_config,
-    parse_recipe,
+    run_recipe,
     synthetic_problems,
-    train_and_save,
 )
-from recipes.dry_run import dry_run
 from recipes.rewards import REWARDS, for_trl
 
 
@@ -74,10 +72,7 @@ def make_trainer(recipe_args, training_args, model_args):
 
 
 def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(GRPOConfig, GRPOArguments, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "grpo")
-    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+    return run_recipe("grpo", GRPOConfig, make_trainer, args, GRPOArguments)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ The saved model scores completions for GRPO through `reward_funcs` as a sequence
 
 from trl import RewardConfig, RewardTrainer
 
-from recipes.common import build_model, build_tokenizer, lora_config, parse_recipe, train_and_save
+from recipes.common import build_model, build_tokenizer, lora_config, run_recipe
 from recipes.dpo import preference_dataset
-from recipes.dry_run import dry_run
 
 
 def make_trainer(recipe_args, training_args, model_args):
     """The configured TRL trainer, ready to train (tests inspect it before training)."""
+    if recipe_args.model_class != "sequence_classification":
+        raise ValueError("a reward model is a sequence classifier: set model_class: sequence_classification")
     tokenizer = build_tokenizer(recipe_args, model_args)
     return RewardTrainer(
         model=build_model(recipe_args, model_args, training_args, tokenizer),
@@ -27,12 +28,7 @@ def make_trainer(recipe_args, training_args, model_args):
 
 
 def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(RewardConfig, args=args)
-    if recipe_args.model_class != "sequence_classification":
-        raise ValueError("a reward model is a sequence classifier: set model_class: sequence_classification")
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "reward")
-    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+    return run_recipe("reward", RewardConfig, make_trainer, args)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ from recipes.common import (
     build_tokenizer,
     local_dataset,
     lora_config,
-    parse_recipe,
+    run_recipe,
     synthetic_problems,
-    train_and_save,
 )
 from recipes.data.shapes import generate_scenes
-from recipes.dry_run import dry_run
 
 
 def processor_for(model, tokenizer) -> Llama4Processor:
@@ -62,10 +60,7 @@ def make_trainer(recipe_args, training_args, model_args):
 
 
 def main(args=None) -> dict:
-    recipe_args, training_args, model_args = parse_recipe(SFTConfig, args=args)
-    if recipe_args.dry_run:
-        return dry_run(recipe_args, training_args, model_args, "sft")
-    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+    return run_recipe("sft", SFTConfig, make_trainer, args)
 
 
 if __name__ == "__main__":
