@@ -204,3 +204,18 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     with torch.no_grad():
         logits = [Llama4ForCausalLM.from_pretrained(tmp_path / run)(probe).logits for run in ("ddp", "single")]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+
+
+def test_reward_model_learns_to_rank_verified_chains_above_corrupted_ones(tmp_path):
+    from recipes import reward
+
+    from modeling_llama4 import Llama4ForSequenceClassification
+
+    out = tmp_path / "reward"
+    reward.main(["--config", str(TINY / "reward.yaml"), "--num_train_examples", "8", "--save_strategy", "no",
+                 "--logging_steps", "1", "--disable_tqdm", "true", "--max_steps", "12", "--output_dir", str(out)])
+    losses = _losses(out)
+    assert losses[0] == pytest.approx(math.log(2), abs=0.1)  # untrained scores: chosen and rejected tie
+    assert losses[-1] < losses[0] - 0.2
+    model = Llama4ForSequenceClassification.from_pretrained(out)
+    assert model.score.out_features == 1
