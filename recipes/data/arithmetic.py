@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .splits import check_split, split_of
+from .splits import check_split, draw_distinct, split_of
 
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
@@ -115,21 +115,7 @@ def generate_problems(
     if max_operand < 2:
         raise ValueError(f"max_operand must be >= 2, got {max_operand}")
     rng = random.Random(f"{seed}:{split}")
-    seen: set[str] = set()
-    problems: list[Problem] = []
-    # Each family's question space is finite: give up loudly once new questions stop coming.
-    misses = 0
-    while len(problems) < n and misses < 5_000:
-        problem = FAMILIES[families[len(problems) % len(families)]](rng, max_operand)
-        if problem.split == split and problem.question not in seen:
-            seen.add(problem.question)
-            problems.append(problem)
-            misses = 0
-        else:
-            misses += 1
-    if len(problems) < n:
-        raise ValueError(
-            f"only {len(problems)} distinct {split} problems exist for families={families} and "
-            f"max_operand={max_operand}; ask for fewer or widen max_operand"
-        )
-    return problems
+    return draw_distinct(
+        n, split, lambda k: FAMILIES[families[k % len(families)]](rng, max_operand), lambda p: p.question,
+        f"problems exist for families={families} and max_operand={max_operand}; ask for fewer or widen max_operand",
+    )

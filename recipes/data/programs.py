@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .splits import check_split, split_of
+from .splits import check_split, draw_distinct, split_of
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,5 @@ def generate_program_tasks(n: int, seed: int = 0, split: str = "train") -> list[
     check_split(split)
     rng = random.Random(f"programs:{seed}:{split}")
     families = sorted(FAMILIES)
-    tasks: list[ProgramTask] = []
-    seen: set[str] = set()
-    misses = 0
-    while len(tasks) < n and misses < 5_000:
-        task = FAMILIES[rng.choice(families)](rng)
-        if task.split == split and task.question not in seen:
-            seen.add(task.question)
-            tasks.append(task)
-            misses = 0
-        else:
-            misses += 1
-    if len(tasks) < n:
-        raise ValueError(f"only {len(tasks)} distinct {split} program tasks exist; ask for fewer")
-    return tasks
+    return draw_distinct(n, split, lambda _: FAMILIES[rng.choice(families)](rng), lambda t: t.question,
+                         "program tasks exist; ask for fewer")

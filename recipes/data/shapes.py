@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .splits import check_split, split_of
+from .splits import check_split, draw_distinct, split_of
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
@@ -80,19 +80,12 @@ def generate_scenes(n: int, seed: int = 0, split: str = "train", image_size: int
     if image_size < 3 * GRID:
         raise ValueError(f"image_size must be at least {3 * GRID} pixels to draw a {GRID}x{GRID} grid")
     rng = random.Random(f"shapes:{seed}:{split}")
-    scenes, seen, misses = [], set(), 0
-    while len(scenes) < n and misses < 5_000:
+
+    def draw(_: int) -> ShapeScene:
         occupied = rng.sample(range(GRID * GRID), rng.randint(1, GRID * GRID))
         cells = tuple((rng.choice(SHAPES), rng.choice(sorted(COLORS))) if i in occupied else None
                       for i in range(GRID * GRID))
-        scene = ShapeScene(cells, rng.choice(SHAPES), image_size)
-        key = (scene.cells, scene.target)
-        if scene.split == split and key not in seen:
-            seen.add(key)
-            scenes.append(scene)
-            misses = 0
-        else:
-            misses += 1
-    if len(scenes) < n:
-        raise ValueError(f"only {len(scenes)} distinct {split} scenes were found; ask for fewer")
-    return scenes
+        return ShapeScene(cells, rng.choice(SHAPES), image_size)
+
+    return draw_distinct(n, split, draw, lambda scene: (scene.cells, scene.target),
+                         "scenes were found; ask for fewer")
