@@ -67,6 +67,8 @@ class RecipeArguments:
     problem_families: list[str] = field(default_factory=lambda: ["add", "sub", "add_sub"], metadata={
         "help": f"Synthetic problem families, from {sorted(FAMILIES)}."})
     max_operand: int = field(default=20, metadata={"help": "Largest number in a synthetic question."})
+    problem_steps: list[int] = field(default_factory=lambda: [3, 4], metadata={
+        "help": "Fewest and most operations of a synthetic 'chain' problem."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data generator."})
     prompt_style: str = field(default="gsm8k_chat", metadata={
         "help": "User turn of a synthetic problem: 'plain' (the question) or 'gsm8k_chat' (the eval harness's "
@@ -189,7 +191,8 @@ def local_dataset(recipe_args: RecipeArguments) -> datasets.Dataset:
 
 def synthetic_problems(recipe_args: RecipeArguments):
     return generate_problems(recipe_args.num_train_examples, seed=recipe_args.problem_seed, split="train",
-                             families=tuple(recipe_args.problem_families), max_operand=recipe_args.max_operand)
+                             families=tuple(recipe_args.problem_families), max_operand=recipe_args.max_operand,
+                             steps=tuple(recipe_args.problem_steps))
 
 
 def resume_checkpoint(training_args) -> str | None:

@@ -9,12 +9,15 @@ template renders inside the thinking block, so `assistant_only_loss` trains chai
 shape-counting images through `Llama4Processor`.
 """
 
+from dataclasses import dataclass, field
+
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from modeling_llama4 import Llama4ImageProcessor, Llama4Processor
 from recipes.common import (
     PROMPT_TEMPLATES,
+    RecipeArguments,
     build_model,
     build_tokenizer,
     local_dataset,
@@ -22,7 +25,15 @@ from recipes.common import (
     run_recipe,
     synthetic_problems,
 )
+from recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
 from recipes.data.shapes import generate_scenes
+
+
+@dataclass
+class SFTArguments(RecipeArguments, HeldOutEvalArguments):
+    chain_of_thought: bool = field(default=True, metadata={
+        "help": "Synthetic arithmetic: train on the worked chain and the answer (true), or on the answer alone "
+                "with the chain left out (false: the 'direct' baseline that shows what the chain is worth)."})
 
 
 def processor_for(model, tokenizer) -> Llama4Processor:
@@ -40,7 +51,8 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
         return Dataset.from_list([scene.row() for scene in scenes])
     if recipe_args.dataset_name == "arithmetic":
         template = PROMPT_TEMPLATES[recipe_args.prompt_style]
-        return Dataset.from_list([{"messages": p.messages(template)} for p in synthetic_problems(recipe_args)])
+        cot = getattr(recipe_args, "chain_of_thought", True)
+        return Dataset.from_list([{"messages": p.messages(template, cot)} for p in synthetic_problems(recipe_args)])
     return local_dataset(recipe_args)
 
 
@@ -50,17 +62,19 @@ def make_trainer(recipe_args, training_args, model_args):
     model = build_model(recipe_args, model_args, training_args, tokenizer)
     vision = getattr(model.config, "vision_config", None)
     multimodal = recipe_args.dataset_name == "shapes" and vision is not None
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=sft_dataset(recipe_args, vision.image_size if multimodal else None),
         processing_class=processor_for(model, tokenizer) if multimodal else tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
+    add_heldout_eval(trainer, recipe_args, tokenizer)
+    return trainer
 
 
 def main(args=None) -> dict:
-    return run_recipe("sft", SFTConfig, make_trainer, args)
+    return run_recipe("sft", SFTConfig, make_trainer, args, SFTArguments)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,45 @@ def test_shape_images_show_exactly_the_counted_shapes():
         assert scene.row()["messages"][1]["content"] == [{"type": "text", "text": f"The final answer is {scene.answer}"}]
     test = {(s.cells, s.target) for s in generate_scenes(20, seed=0, split="test")}
     assert not test & {(s.cells, s.target) for s in generate_scenes(300, seed=0)}
+
+
+def _story_value(question: str) -> int:
+    """Replay a chain question's story sentence by sentence, skipping the other person's fact."""
+    name = question.split()[0]
+    value = None
+    for sentence in question.split(". "):
+        if m := re.fullmatch(rf"{name} has (\d+) \w+\.?", sentence):
+            value = int(m[1])
+        elif m := re.fullmatch(rf"{name} gets (\d+) more\.?", sentence):
+            value += int(m[1])
+        elif m := re.fullmatch(rf"{name} gives away (\d+)\.?", sentence):
+            value -= int(m[1])
+        elif m := re.fullmatch(rf"{name} makes the pile (\d+) times as big\.?", sentence):
+            value *= int(m[1])
+    return value
+
+
+def test_chain_problems_have_the_asked_steps_a_distractor_and_answers_that_replay_from_the_story():
+    for steps in ((3, 3), (3, 5)):
+        problems = generate_problems(300, seed=4, families=("chain",), max_operand=40, steps=steps)
+        counts = {len(re.findall(r" = ", p.reasoning)) for p in problems}
+        assert counts == set(range(steps[0], steps[1] + 1))
+        for p in problems:
+            assert _story_value(p.question) == p.answer == _evaluate_chain(p.reasoning)
+            assert all(int(n) <= 40 for n in re.findall(r"\d+", p.question + p.reasoning))
+            others = [s for s in p.question.split(". ") if not s.startswith((p.question.split()[0], "How many"))]
+            assert len(others) == 1 and " has " in others[0]  # the distractor: someone else's count
+    ops = {op for p in generate_problems(300, seed=4, families=("chain",)) for op in re.findall(r" ([-+*]) ", p.reasoning)}
+    assert ops == {"+", "-", "*"}
+    with pytest.raises(ValueError, match="steps"):
+        generate_problems(1, families=("chain",), steps=(4, 3))
+
+
+def test_chain_held_out_split_is_clean_and_direct_messages_leave_the_chain_out():
+    train = {p.question for seed in range(3) for p in generate_problems(2000, seed=seed, families=("chain",))}
+    test = [p.question for p in generate_problems(200, seed=0, split="test", families=("chain",))]
+    assert len(set(test)) == 200 and not train & set(test)
+    problem = generate_problems(1, seed=0, families=("chain",))[0]
+    direct = problem.messages(chain_of_thought=False)
+    assert direct[1] == {"role": "assistant", "content": f"The final answer is {problem.answer}"}
+    assert problem.messages()[1]["reasoning"] == problem.reasoning

@@ -43,9 +43,12 @@ class Problem:
     def prompt(self, template: str = "{question}") -> list[dict]:
         return [{"role": "user", "content": template.format(question=self.question)}]
 
-    def messages(self, template: str = "{question}") -> list[dict]:
-        """The user turn (the question through `template`) and the assistant's reasoning and answer."""
-        return [*self.prompt(template), {"role": "assistant", "reasoning": self.reasoning, "content": self.final}]
+    def messages(self, template: str = "{question}", chain_of_thought: bool = True) -> list[dict]:
+        """The user turn (the question through `template`) and the assistant's reasoning and answer;
+        without `chain_of_thought` the assistant answers directly (no thinking block)."""
+        reply = {"role": "assistant", "reasoning": self.reasoning, "content": self.final} if chain_of_thought else \
+            {"role": "assistant", "content": self.final}
+        return [*self.prompt(template), reply]
 
 
 def _add(rng: random.Random, hi: int) -> Problem:
@@ -99,23 +102,63 @@ def _unit(rng: random.Random, hi: int) -> Problem:
     )
 
 
-FAMILIES = {"add": _add, "sub": _sub, "mul": _mul, "add_sub": _add_sub, "unit": _unit}
+OTHER_NAMES = ("Mia", "Noah", "Olga", "Pete", "Quinn", "Rosa")
+
+
+def _chain(rng: random.Random, hi: int, steps: tuple[int, int] = (3, 4), distractor: bool = True) -> Problem:
+    """A multi-step story: a start amount, then `steps` changes in order (gets d more, gives away d,
+    makes the pile m times as big), and, with `distractor`, one fact about someone else that the answer
+    must ignore. Every number in the story and the chain (start, running totals) stays within 0..`hi`;
+    a change is at most 9 (x2 or x3 for a product). The worked chain does one operation per step,
+    carrying the running total; answering directly means composing every step in one go."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, hi)
+    sentences, chain = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(*steps)):
+        options = ["add"] * (value + 1 <= hi) + ["sub"] * (value >= 2) + ["mul"] * (2 <= value and value * 2 <= hi)
+        op = rng.choice(options)
+        if op == "add":
+            d = rng.randint(1, min(9, hi - value))
+            sentences.append(f"{name} gets {d} more.")
+            chain.append(f"{value} + {d} = {value + d}.")
+            value += d
+        elif op == "sub":
+            d = rng.randint(1, min(9, value - 1))
+            sentences.append(f"{name} gives away {d}.")
+            chain.append(f"{value} - {d} = {value - d}.")
+            value -= d
+        else:
+            m = rng.randint(2, 3 if value * 3 <= hi else 2)
+            sentences.append(f"{name} makes the pile {m} times as big.")
+            chain.append(f"{value} * {m} = {value * m}.")
+            value *= m
+    if distractor:
+        other, other_item = rng.choice(OTHER_NAMES), rng.choice(ITEMS)
+        sentences.insert(rng.randint(1, len(sentences)), f"{other} has {rng.randint(2, hi)} {other_item}.")
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return Problem(question, " ".join(chain), value, "chain")
+
+
+FAMILIES = {"add": _add, "sub": _sub, "mul": _mul, "add_sub": _add_sub, "unit": _unit, "chain": _chain}
 
 
 def generate_problems(
     n: int, seed: int = 0, split: str = "train", families: tuple[str, ...] = ("add", "sub", "add_sub"),
-    max_operand: int = 20,
+    max_operand: int = 20, steps: tuple[int, int] = (3, 4),
 ) -> list[Problem]:
     """`n` distinct problems of `split`, drawn round-robin from `families`; the same arguments always
-    give the same list."""
+    give the same list. `steps` (fewest, most) sets how many operations a `chain` problem has."""
     check_split(split)
     unknown = set(families) - set(FAMILIES)
     if unknown or not families:
         raise ValueError(f"unknown problem families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
     if max_operand < 2:
         raise ValueError(f"max_operand must be >= 2, got {max_operand}")
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+        raise ValueError(f"steps must be (fewest, most) with 1 <= fewest <= most, got {tuple(steps)}")
+    makers = {f: (lambda r, hi: _chain(r, hi, tuple(steps))) if f == "chain" else FAMILIES[f] for f in families}
     rng = random.Random(f"{seed}:{split}")
     return draw_distinct(
-        n, split, lambda k: FAMILIES[families[k % len(families)]](rng, max_operand), lambda p: p.question,
+        n, split, lambda k: makers[families[k % len(families)]](rng, max_operand), lambda p: p.question,
         f"problems exist for families={families} and max_operand={max_operand}; ask for fewer or widen max_operand",
     )
