@@ -8,6 +8,7 @@ import os
 import sys
 
 from .evaluator import evaluate
+from .sandbox import SandboxUnavailable
 from .report import markdown_table
 from .tasks import TASKS
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
+    p.add_argument("--allow-unsandboxed", action="store_true",
+                   help="execute HumanEval programs even when full isolation (bubblewrap) is unavailable; they can "
+                   "then read and write your files and use the network. Recorded in results.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -69,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             mmlu_subjects=args.mmlu_subjects.split(",") if args.mmlu_subjects else None,
             prefix_cache=not args.no_prefix_cache,
             timeout=args.timeout,
+            allow_unsandboxed=args.allow_unsandboxed,
             progress=not args.no_progress,
         )
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, SandboxUnavailable) as e:
         print(f"llama4-eval: error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") != "0":

@@ -83,6 +83,7 @@ def _build_task(name: str, opts: dict, tokenizer):
             seed=opts["seed"],
             timeout=opts["timeout"],
             workers=opts["workers"],
+            allow_unsandboxed=opts["allow_unsandboxed"],
         )
     return cls(**common, max_gen_toks=opts["max_new_tokens"], tokenizer=tokenizer)
 
@@ -147,6 +148,7 @@ def evaluate(
     prefix_cache: bool = True,
     timeout: float = 3.0,
     workers: int | None = None,
+    allow_unsandboxed: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
     """Evaluate `model` (a path/hub id or an in-memory causal LM) on `tasks`; returns {task: metrics}.
@@ -154,6 +156,9 @@ def evaluate(
     `num_fewshot` None keeps each task's default (mmlu 5, gsm8k 5, gsm8k_cot 8, gsm8k_chat 0, humaneval 0); a number
     overrides it for every task given. `limit` caps test documents (per subject for MMLU). With `predictions`
     (a JSONL file) the single task given is scored without a model.
+
+    HumanEval executes generated code only fully isolated (eval.sandbox): when isolation is unavailable it raises
+    eval.sandbox.SandboxUnavailable before anything is generated or run, unless `allow_unsandboxed` opts out.
     """
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -161,9 +166,17 @@ def evaluate(
     opts = dict(
         data_dir=data_dir, num_fewshot=num_fewshot, limit=limit, max_new_tokens=max_new_tokens, num_samples=num_samples,
         temperature=temperature, top_p=top_p, seed=seed, mmlu_subjects=mmlu_subjects, timeout=timeout, workers=workers,
+        allow_unsandboxed=allow_unsandboxed,
     )
     procs = _Processes(device)
     config = {"tasks": names, "limit": limit, "num_fewshot": num_fewshot, "data_dir": str(data_dir) if data_dir else None}
+    if "humaneval" in names:
+        from .sandbox import isolation_level
+
+        # Checked first: a refusal must come before hours of generation, and before any program runs.
+        isolation = isolation_level(allow_unsandboxed=allow_unsandboxed)
+        config["sandbox"] = {"isolation": isolation, "isolated": isolation != "none",
+                             "allow_unsandboxed": allow_unsandboxed}
 
     if predictions is not None:
         if model is not None:
@@ -214,10 +227,6 @@ def evaluate(
         results[name] = task.aggregate([store.records[str(d["doc_id"])] for d in docs])
     config.update(model=fingerprint, batch_size=batch_size, max_length=runner.max_length, prefix_cache=prefix_cache,
                   task_config=task_configs, world_size=procs.world)
-    if "humaneval" in names:
-        from .sandbox import isolation_level
-
-        config["sandbox"] = isolation_level()
     if output_dir and procs.rank == 0:
         write_report(output_dir, results, config)
     return results

