@@ -115,6 +115,16 @@ class Llama4ForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def model(self) -> Llama4MultimodalBackbone:
         return Llama4MultimodalBackbone(self)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers writes one auto class per model class into config.json's `auto_map`; a saved folder
+        also names this class for AutoModel and AutoModelForCausalLM, so it loads through them with
+        `trust_remote_code=True` where this package is not installed."""
+        if self._auto_class is not None:
+            entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            for auto_class in ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
+                self.config.auto_map.setdefault(auto_class, entry)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 

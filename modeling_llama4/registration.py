@@ -44,10 +44,17 @@ _register(
     },
 )
 _register(Llama4VisionConfig, {AutoModel: Llama4VisionModel})
-# The last auto class registered is the one a saved folder's auto_map names.
+# AutoModelForCausalLM serves the multimodal model too (as transformers does for Gemma 3 and Mistral 3), so
+# text-only tools that load causal LMs (lm-eval's `hf` model, TRL scripts) work on multimodal folders. The last
+# auto class registered is the one transformers writes into a saved folder's auto_map; the model's
+# save_pretrained adds the others.
 _register(
     Llama4Config,
-    {AutoModel: Llama4ForConditionalGeneration, AutoModelForImageTextToText: Llama4ForConditionalGeneration},
+    {
+        AutoModel: Llama4ForConditionalGeneration,
+        AutoModelForCausalLM: Llama4ForConditionalGeneration,
+        AutoModelForImageTextToText: Llama4ForConditionalGeneration,
+    },
 )
 AutoImageProcessor.register(Llama4Config, image_processor_classes={"pil": Llama4ImageProcessor, "torchvision": Llama4ImageProcessor}, exist_ok=True)
 Llama4ImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -46,6 +46,9 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 LORA_EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 PROMPT_TEMPLATES = {"plain": "{question}", "gsm8k_chat": CHAT_INSTRUCTION}
 LORA_EXCLUDED = r".*(router|lm_head|vision_model|multi_modal_projector|score).*"
+# Subfolders of a LoRA run's output_dir: the initial weights of a run from a preset, and the merged model.
+BASE_SUBFOLDER = "base"
+MERGED_SUBFOLDER = "merged"
 
 
 @dataclass
@@ -80,6 +83,9 @@ class RecipeArguments:
                 "per-GPU memory estimate, and exit without training."})
     accelerate_config: str | None = field(default=None, metadata={
         "help": "Accelerate config the dry run estimates memory for (default: one process, no sharding)."})
+    save_merged: bool = field(default=False, metadata={
+        "help": "With use_peft: also save the model with the trained adapters merged into its weights, with the "
+                "tokenizer, to OUTPUT_DIR/merged (loads with from_pretrained; PEFT not needed)."})
 
     def __post_init__(self):
         if self.model_class not in MODEL_CLASSES:
@@ -103,6 +109,9 @@ def parse_recipe(training_config_class, arguments_class=RecipeArguments, args=No
     if model_args.use_peft and recipe_args.lora_experts and model_args.lora_dropout != 0:
         raise ValueError("LoRA on the fused experts (lora_experts: true) needs lora_dropout: 0; PEFT's parameter "
                          f"adapters do not support dropout (got {model_args.lora_dropout})")
+    if recipe_args.save_merged and not model_args.use_peft:
+        raise ValueError("save_merged merges LoRA adapters into the base weights, so it needs use_peft: true; "
+                         "a full fine-tune already saves plain weights")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return recipe_args, training_args, model_args
 
@@ -137,6 +146,9 @@ def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_
     if model_args.model_name_or_path:
         kwargs = {"num_labels": 1} if recipe_args.model_class == "sequence_classification" else {}
         model = model_class.from_pretrained(model_args.model_name_or_path, dtype=_dtype(model_args), **kwargs)
+        if Path(model_args.model_name_or_path).is_dir():
+            # Adapter configs (and TRL's reference model) record this path; absolute, it resolves from any directory.
+            model.name_or_path = model.config._name_or_path = str(Path(model_args.model_name_or_path).resolve())
     else:
         set_seed(training_args.seed)
         model = model_class(model_config(recipe_args, model_args)).to(_dtype(model_args))
@@ -145,7 +157,23 @@ def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{text_config.vocab_size}; use a matching tokenizer or preset")
     text_config.pad_token_id = tokenizer.pad_token_id
+    if model_args.use_peft and not model_args.model_name_or_path:
+        save_base_model(model, tokenizer, training_args)
     return model
+
+
+def save_base_model(model, tokenizer, training_args) -> Path:
+    """LoRA on a freshly initialised model: the adapters mean nothing without these exact base weights, so they
+    are saved (with the tokenizer) to OUTPUT_DIR/base before training, and the model's `name_or_path` points
+    there, which is what every adapter folder of the run (checkpoints included) records as its base."""
+    base = Path(training_args.output_dir).resolve() / BASE_SUBFOLDER
+    if training_args.process_index == 0:
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        logger.info("LoRA from a preset: saved the initial base model to %s", base)
+    # PEFT reads the instance attribute, TRL the config's.
+    model.name_or_path = model.config._name_or_path = str(base)
+    return base
 
 
 def reference_model(model, model_args: ModelConfig):
@@ -214,14 +242,90 @@ def run_recipe(method: str, training_config_class, make_trainer, args=None, argu
     recipe_args, training_args, model_args = parse_recipe(training_config_class, arguments_class, args=args)
     if recipe_args.dry_run:
         return dry_run(recipe_args, training_args, model_args, method)
-    return train_and_save(make_trainer(recipe_args, training_args, model_args), training_args)
+    trainer = make_trainer(recipe_args, training_args, model_args)
+    return train_and_save(trainer, training_args, recipe_args, model_args, method)
 
 
-def train_and_save(trainer, training_args) -> dict:
-    """Train (resuming when asked), then save the model as safetensors with its tokenizer and chat template."""
+def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None = None,
+                   model_args: ModelConfig | None = None, method: str = "sft") -> dict:
+    """Train (resuming when asked), then save the model as safetensors with its tokenizer and chat template,
+    the merged model when `save_merged` asks for it, and a model card saying what was trained on what."""
+    save_merged = bool(recipe_args and recipe_args.save_merged)
+    if save_merged and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError("save_merged merges in the training process, which needs the whole model on one rank; "
+                         "under FSDP/DeepSpeed save the adapters, then merge them offline with PEFT's "
+                         "merge_and_unload on the base model")
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        if save_merged:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(out / MERGED_SUBFOLDER)
+            trainer.processing_class.save_pretrained(out / MERGED_SUBFOLDER)
+            logger.info("saved the merged model to %s", out / MERGED_SUBFOLDER)
+        if recipe_args is not None and model_args is not None:
+            (out / "README.md").write_text(model_card(recipe_args, model_args, training_args, method,
+                                                      trainer.state.global_step), encoding="utf-8")
         logger.info("saved to %s after %d steps", training_args.output_dir, trainer.state.global_step)
     return result.metrics
+
+
+def training_data_description(recipe_args: RecipeArguments) -> str:
+    if recipe_args.dataset_name == "arithmetic":
+        return (f"synthetic arithmetic word problems with worked chains (`recipes/data`): "
+                f"{recipe_args.num_train_examples} problems, families {', '.join(recipe_args.problem_families)}, "
+                f"operands up to {recipe_args.max_operand}, generator seed {recipe_args.problem_seed}, "
+                f"prompt style `{recipe_args.prompt_style}`")
+    if recipe_args.dataset_name == "shapes":
+        return (f"synthetic shape-counting images (`recipes/data/shapes.py`): {recipe_args.num_train_examples} "
+                f"scenes, generator seed {recipe_args.problem_seed}")
+    return f"`{recipe_args.dataset_name}` (split `{recipe_args.dataset_train_split}`)"
+
+
+def model_card(recipe_args: RecipeArguments, model_args: ModelConfig, training_args, method: str, steps: int) -> str:
+    """README.md of a recipe's output folder: base model, method, data, what the folder holds and how to load it."""
+    import trl
+
+    lora = bool(model_args.use_peft)
+    source = model_args.model_name_or_path
+    hub_id = source and not Path(source).exists()
+    if source:
+        base = f"`{Path(source).resolve() if not hub_id else source}`"
+    else:
+        base = (f"the `{recipe_args.model_preset}` preset ({recipe_args.model_class}), freshly initialised with seed "
+                f"{training_args.seed}" + (f"; those initial weights are saved in `{BASE_SUBFOLDER}/`" if lora else ""))
+    front = ["---", f"library_name: {'peft' if lora else 'transformers'}",
+             f"pipeline_tag: {'text-classification' if method == 'reward' else 'text-generation'}",
+             "tags: [llama4-sparse, trl, " + method + (", lora]" if lora else "]")]
+    if hub_id:
+        front.append(f"base_model: {source}")
+    front.append("---")
+    lines = [*front, "", f"# {Path(training_args.output_dir).name}", "",
+             f"{method.upper()} with TRL {trl.__version__}, {steps} optimiser steps, learning rate "
+             f"{training_args.learning_rate}, seed {training_args.seed}.", "",
+             f"* **Base model:** {base}.",
+             f"* **Training data:** {training_data_description(recipe_args)}."]
+    if lora:
+        modules = list(model_args.lora_target_modules or LORA_TARGET_MODULES)
+        experts = list(model_args.lora_target_parameters or (LORA_EXPERT_PARAMETERS if recipe_args.lora_experts else []))
+        lines.append(f"* **This folder holds LoRA adapters** (r={model_args.lora_r}, alpha={model_args.lora_alpha}) on "
+                     f"{', '.join(modules)}" + (f" and the routed-expert parameters {', '.join(experts)}" if experts else "")
+                     + "; the base weights are not in it.")
+        if recipe_args.save_merged:
+            lines.append(f"* **`{MERGED_SUBFOLDER}/`** holds the base with the adapters merged into its weights.")
+    else:
+        lines.append("* **This folder holds the full fine-tuned weights** (safetensors) with the tokenizer.")
+    head = {"causal_lm": "AutoModelForCausalLM", "conditional_generation": "AutoModelForCausalLM",
+            "sequence_classification": "AutoModelForSequenceClassification"}[recipe_args.model_class]
+    lines += ["", "## Loading", "", "```python", "import modeling_llama4  # or pass trust_remote_code=True"]
+    if lora:
+        peft_class = "AutoPeftModelForSequenceClassification" if method == "reward" else "AutoPeftModelForCausalLM"
+        lines += [f"from peft import {peft_class}", f"model = {peft_class}.from_pretrained(FOLDER)  # base + adapters"]
+        if recipe_args.save_merged:
+            lines += [f"from transformers import {head}", f"merged = {head}.from_pretrained(FOLDER + '/{MERGED_SUBFOLDER}')"]
+    else:
+        lines += [f"from transformers import {head}", f"model = {head}.from_pretrained(FOLDER)"]
+    lines += ["```", ""]
+    return "\n".join(lines)

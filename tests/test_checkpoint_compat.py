@@ -1,0 +1,231 @@
+"""Every kind of folder the recipes write loads in the tools users already run.
+
+Each tiny recipe config runs for one step (SFT, SFT of the multimodal model, DPO with LoRA from the preset and
+merged weights, GRPO, reward model); the folder must then load through transformers' Auto classes or PEFT's
+AutoPeftModel* and reproduce what the trained model in memory computes and generates. lm-eval's `hf` model then
+scores the text, multimodal, LoRA-adapter and merged folders in a process that never imports this package
+(`trust_remote_code=True`), and its log-likelihoods are checked against the model's own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
+
+from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4ForSequenceClassification
+from recipes import dpo, grpo, reward, sft
+from recipes.common import BASE_SUBFOLDER, MERGED_SUBFOLDER, RecipeArguments, parse_recipe, train_and_save
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "configs" / "tiny"
+QUICK = ["--num_train_examples", "8", "--prompt_style", "plain", "--save_strategy", "no", "--logging_steps", "1",
+         "--disable_tqdm", "true", "--max_steps", "1"]
+# script -> (module, TRL config, the script's own arguments class)
+SCRIPTS = {
+    "sft": (sft, SFTConfig, getattr(sft, "SFTArguments", RecipeArguments)),
+    "dpo": (dpo, DPOConfig, getattr(dpo, "DPOArguments", RecipeArguments)),
+    "grpo": (grpo, GRPOConfig, getattr(grpo, "GRPOArguments", RecipeArguments)),
+    "reward": (reward, RewardConfig, getattr(reward, "RewardArguments", RecipeArguments)),
+}
+# name -> (script, tiny config, extra arguments)
+RUNS = {
+    "text": ("sft", "sft.yaml", []),
+    "multimodal": ("sft", "sft.yaml", ["--model_class", "conditional_generation"]),
+    "lora": ("dpo", "dpo.yaml", ["--save_merged", "true"]),
+    "grpo": ("grpo", "grpo.yaml", ["--per_device_train_batch_size", "4", "--num_generations", "4",
+                                   "--max_completion_length", "8"]),
+    "reward": ("reward", "reward.yaml", []),
+}
+
+
+def _prompt(tokenizer) -> torch.Tensor:
+    chat = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+
+def _outputs(model, ids: torch.Tensor) -> dict:
+    """What a folder must reproduce: logits (scores for a reward model) and 6 greedy tokens."""
+    model.eval()
+    with torch.no_grad():
+        out = {"logits": model(input_ids=ids, use_cache=False).logits.float()}
+        if not isinstance(model, Llama4ForSequenceClassification):
+            out["generated"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                              do_sample=False)[0, ids.shape[1]:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each tiny config trained for one step: {name: (output folder, outputs of the model in memory)}."""
+    root = tmp_path_factory.mktemp("recipes")
+    results = {}
+    for name, (method, config, extra) in RUNS.items():
+        module, config_class, arguments_class = SCRIPTS[method]
+        out = root / name
+        recipe_args, training_args, model_args = parse_recipe(config_class, arguments_class, args=[
+            "--config", str(TINY / config), *QUICK, *extra, "--output_dir", str(out)])
+        trainer = module.make_trainer(recipe_args, training_args, model_args)
+        train_and_save(trainer, training_args, recipe_args, model_args, method)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        results[name] = (out, _outputs(model, _prompt(tokenizer)))
+        del trainer, model
+    return results
+
+
+def _check_same(model, expected: dict, folder: Path, atol: float = 1e-5) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    got = _outputs(model, _prompt(tokenizer))
+    assert (got["logits"] - expected["logits"]).abs().max() <= atol
+    if "generated" in expected:
+        assert got["generated"].tolist() == expected["generated"].tolist()
+        assert len(got["generated"]) == 6
+
+
+@pytest.mark.parametrize("name", ["text", "grpo"])
+def test_full_fine_tune_folder_loads_with_auto_model_and_generates_what_was_trained(trained, name):
+    folder, expected = trained[name]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is Llama4ForCausalLM
+    _check_same(model, expected, folder)
+    card = (folder / "README.md").read_text()
+    assert "freshly initialised with seed 0" in card and "synthetic arithmetic word problems" in card
+
+
+def test_reward_model_folder_loads_with_auto_model_and_scores_as_trained(trained):
+    folder, expected = trained["reward"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert type(model) is Llama4ForSequenceClassification and model.config.num_labels == 1
+    _check_same(model, expected, folder)
+
+
+def test_multimodal_folder_loads_through_auto_model_for_causal_lm(trained):
+    # As transformers does for Gemma 3 / Mistral 3: text-only tools that ask for a causal LM get the whole model.
+    folder, expected = trained["multimodal"]
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_multimodal.Llama4ForConditionalGeneration"
+    assert auto_map["AutoModelForImageTextToText"] == auto_map["AutoModelForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is Llama4ForConditionalGeneration
+    _check_same(model, expected, folder)
+
+
+def test_lora_from_a_preset_saves_its_base_and_merged_weights(trained):
+    folder, expected = trained["lora"]
+    base = folder / BASE_SUBFOLDER
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base.resolve())
+    assert (base / "model.safetensors").is_file() and (base / "tokenizer.json").is_file()
+    assert not (folder / "model.safetensors").exists()
+
+    adapted = AutoPeftModelForCausalLM.from_pretrained(folder)
+    _check_same(adapted, expected, folder, atol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(folder / MERGED_SUBFOLDER)
+    assert type(merged) is Llama4ForCausalLM
+    _check_same(merged, expected, folder)
+    # The adapters changed the model: the base alone computes something else.
+    untrained = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        ids = _prompt(AutoTokenizer.from_pretrained(base))
+        assert (untrained(ids).logits - expected["logits"]).abs().max() > 1e-3
+
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "DPO with TRL" in card
+    assert f"saved in `{BASE_SUBFOLDER}/`" in card and "r=8, alpha=16" in card and "feed_forward.experts.gate_up_proj" in card
+    assert "generator seed 2" in card and "`merged/`" in card
+
+
+def test_lora_from_a_folder_records_its_absolute_path(trained, tmp_path, monkeypatch):
+    start, _ = trained["text"]
+    monkeypatch.chdir(start.parent)
+    out = tmp_path / "lora"
+    dpo.main(["--config", str(TINY / "dpo.yaml"), *QUICK, "--model_name_or_path", start.name,
+              "--output_dir", str(out)])
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(start.resolve())
+    assert not (out / BASE_SUBFOLDER).exists()
+    assert f"**Base model:** `{start.resolve()}`" in (out / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the recorded base resolves from any directory
+    assert type(AutoPeftModelForCausalLM.from_pretrained(out).get_base_model()) is Llama4ForCausalLM
+
+
+def test_save_merged_without_lora_is_refused():
+    with pytest.raises(ValueError, match="save_merged .* needs use_peft: true"):
+        parse_recipe(SFTConfig, args=["--config", str(TINY / "sft.yaml"), "--save_merged", "true"])
+
+
+LM_EVAL_SCRIPT = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+include, runs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+results = {}
+for name, model_args in runs.items():
+    evaluated = lm_eval.simple_evaluate(
+        model="hf", model_args=model_args, device="cpu", tasks=["local_mmlu_abstract_algebra"], limit=2, batch_size=2,
+        task_manager=TaskManager(include_path=include, include_defaults=False), log_samples=True)
+    results[name] = {"acc": evaluated["results"]["local_mmlu_abstract_algebra"]["acc,none"],
+                     "samples": evaluated["samples"]["local_mmlu_abstract_algebra"]}
+assert "modeling_llama4" not in sys.modules and "tokenizer" not in sys.modules, "the package itself was imported"
+json.dump(results, open(out, "w"), default=str)
+"""
+
+
+def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """lm-eval's scoring of a causal LM: trailing context spaces move to the continuation, the whole string is
+    encoded once and split where the context's own encoding ends."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    start = len(tokenizer(context)["input_ids"])
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([whole]), use_cache=False).logits[0].float().log_softmax(-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(start, len(whole)))
+
+
+def test_lm_eval_hf_model_scores_every_kind_of_folder_without_the_package(trained, tmp_path, shared_data):
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_lm_eval import OFFLINE, write_lm_eval_tasks
+
+    include = write_lm_eval_tasks(tmp_path, shared_data, ["abstract_algebra"])
+    lora = trained["lora"][0]
+    args = ",trust_remote_code=True,dtype=float32"
+    runs = {
+        "text": f"pretrained={trained['text'][0]}{args}",
+        "multimodal": f"pretrained={trained['multimodal'][0]}{args}",
+        "lora_adapter": f"pretrained={lora / BASE_SUBFOLDER},peft={lora}{args}",
+        "merged": f"pretrained={lora / MERGED_SUBFOLDER}{args}",
+    }
+    out = tmp_path / "results.json"
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LM_EVAL_SCRIPT), str(include), json.dumps(runs),
+                             str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    scored = json.loads(out.read_text())
+
+    folders = {"text": trained["text"][0], "multimodal": trained["multimodal"][0], "merged": lora / MERGED_SUBFOLDER}
+    models = {name: AutoModelForCausalLM.from_pretrained(path) for name, path in folders.items()}
+    models["lora_adapter"] = AutoPeftModelForCausalLM.from_pretrained(lora)
+    tokenizer = AutoTokenizer.from_pretrained(lora)
+    for name, model in models.items():
+        samples = scored[name]["samples"]
+        assert len(samples) == 2 and 0.0 <= scored[name]["acc"] <= 1.0, name
+        pairs = samples[0]["arguments"]
+        assert [continuation for _, continuation in pairs] == [" A", " B", " C", " D"], name
+        for (context, continuation), resp in zip(pairs, samples[0]["resps"]):
+            expected = _loglikelihood(model.eval(), tokenizer, context, continuation)
+            assert float(resp[0][0]) == pytest.approx(expected, abs=1e-4), name
+    # The adapters change the scores: lm-eval applied them (and the merged folder agrees with them).
+    adapter_ll = [float(r[0][0]) for r in scored["lora_adapter"]["samples"][0]["resps"]]
+    merged_ll = [float(r[0][0]) for r in scored["merged"]["samples"][0]["resps"]]
+    assert adapter_ll == pytest.approx(merged_ll, abs=1e-4)
