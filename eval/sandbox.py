@@ -1,25 +1,33 @@
-"""Run untrusted Python programs (HumanEval completions, code rewards) one process each, isolated and bounded.
+"""Run untrusted Python programs (HumanEval completions, code rewards) isolated and bounded.
 
-Isolation is bubblewrap (`bwrap`, Debian package `bubblewrap`), found on PATH. Each program gets:
+Isolation is bubblewrap (`bwrap`, Debian package `bubblewrap`), found on PATH. Programs get:
 
-- its own PID, network, IPC, UTS and cgroup namespaces: it cannot see, signal or ptrace any process outside,
-  has no network (a loopback-only namespace), and every process it starts dies with it;
-- a file system of its own: the interpreter's installation (its prefixes, whether system Python, pyenv, conda or
-  a venv anywhere) and /usr, read-only; the directories above them exist only as empty, unlistable stubs; a private
-  size-limited tmpfs /tmp as its working directory; a minimal /dev and its own /proc. Nothing else of the host
-  (no /etc, no home, no /work) is visible;
-- an unprivileged uid: as root, a dedicated uid per run (setpriv drops every capability and sets no_new_privs);
-  as another user, uid 65534 inside a user namespace that cannot create further user namespaces;
-- `python -I`, a stripped environment, stdin closed, rlimits (address space, CPU seconds, processes, file size,
-  open files, no core files), bounded captured output, and a wall-clock timeout that kills the whole sandbox;
+- their own PID, network, IPC, UTS and cgroup namespaces: they cannot see, signal or ptrace the harness or any
+  process outside, and have no network (a loopback-only namespace);
+- a file system of their own: the interpreter's installation (its prefixes, whether system Python, pyenv, conda
+  or a venv anywhere) and /usr, read-only; the directories above them exist only as empty, unlistable stubs; a
+  private size-limited tmpfs /tmp; a minimal /dev and their own /proc. Nothing else of the host (no /etc, no
+  home, no /work) is visible, and nothing is writable but /tmp;
+- an unprivileged uid with no capabilities and no_new_privs;
+- `python -I -S` (the standard library only), a stripped environment, stdin closed, rlimits (address space, CPU
+  seconds, processes, file size, open files, no core files), bounded captured output and a wall-clock timeout;
 - a verdict that only a random per-run token printed after the program's last statement turns into "passed"
   (exit codes are never trusted).
 
-**Fail closed.** When bubblewrap is missing or cannot create the namespaces, `isolation_level()` raises
-`SandboxUnavailable`, saying what is missing and how to fix it, and nothing runs. `allow_unsandboxed=True`
+How programs are started depends on who runs the harness:
+
+- root (as in CI): one sandbox per worker holds a pre-started interpreter (`sandbox_zygote.py`) that forks each
+  program under a uid of its own (unique per program), in a scratch directory of its own, and kills every process
+  of that uid when the program ends; so programs cannot touch each other or the zygote either, and no interpreter
+  start-up is paid per program;
+- anyone else: one sandbox per program, as uid 65534 in a user namespace that cannot create further ones; the
+  whole sandbox dies with the program.
+
+**Fail closed.** When bubblewrap is missing or cannot create the namespaces, `isolation_level()` and every run
+raise `SandboxUnavailable`, saying what is missing and how to fix it, and nothing runs. `allow_unsandboxed=True`
 (`--allow-unsandboxed` on the CLI) is the explicit opt-out: programs then run with resource limits only (as a
-dedicated uid when the harness is root and the interpreter is world-executable, which also lets every leftover
-process be killed afterwards), and a warning says what is lost.
+dedicated uid, whose every process is killed afterwards, when the harness is root and the interpreter
+world-executable), and a warning says what is lost.
 
 Verdict kinds: "passed", "failed" (exception, wrong answer, exit without the token), "timeout" (wall clock or
 CPU limit), "crashed" (killed by a signal it did not cause through a limit), "resource_limit" (memory, file
