@@ -2,14 +2,15 @@
 
 Two kinds of layers, chosen per layer by `config.no_rope_layers` (1 = RoPE):
 * RoPE layers rotate q/k, optionally RMS-normalise them afterwards (weightless QK-norm, Scout only)
-  and attend within absolute chunks of `attention_chunk_size` tokens (the mask comes from the
-  model, built by transformers' `create_chunked_causal_mask`).
+  and attend within absolute chunks of `attention_chunk_size` tokens.
 * NoPE layers (every 4th) see the whole causal context without positions; their queries are
   scaled up with the position (attention temperature tuning) so attention stays sharp at long
   range: `1 + attn_scale * log(floor((pos + 1) / floor_scale) + 1)`.
 
-The attention kernel is picked by `config._attn_implementation` through transformers'
-`ALL_ATTENTION_FUNCTIONS` ("sdpa", ...), with `eager_attention` below as the "eager" one.
+With "sdpa" the model passes an `AttentionLayout` instead of a mask and attention runs block-wise in
+memory linear in the length (chunked_attention.py). Other backends get transformers' dense masks and
+are picked by `config._attn_implementation` through `ALL_ATTENTION_FUNCTIONS`, with `eager_attention`
+below as the "eager" one, the reference.
 """
 
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .chunked_attention import AttentionLayout, linear_memory_attention
 from .norm import rms_normalize
 from .rope import apply_rotary_emb
 
@@ -90,7 +92,7 @@ class Llama4TextAttention(nn.Module):
         hidden_states: torch.Tensor,
         rotations: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | AttentionLayout | None,
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,6 +115,10 @@ class Llama4TextAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if isinstance(attention_mask, AttentionLayout):
+            output = linear_memory_attention(query, key, value, attention_mask, self.scaling, dropout)
+            return self.o_proj(output.reshape(batch, length, -1)), None
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         output, weights = attend(
             self,
@@ -120,7 +126,7 @@ class Llama4TextAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             **kwargs,
         )

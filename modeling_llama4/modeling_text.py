@@ -4,11 +4,16 @@ State-dict keys are those of the official checkpoints and of transformers' `Llam
 (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.feed_forward.experts.
 gate_up_proj`, ..., `lm_head`), so weights move between the two without renaming.
 
-Masks and caches are transformers' own: `create_causal_mask` for the NoPE (full attention) layers,
-`create_chunked_causal_mask` for the RoPE (chunked) layers, and `DynamicCache(config=...)`, which
-keeps only the last `attention_chunk_size - 1` keys/values on chunked layers. Chunk boundaries start
-at a sequence's first real token (left padding is not counted) and, for documents packed into one
-row, at each document's first token, exactly as transformers computes them.
+Caches are transformers' `DynamicCache(config=...)`, which keeps only the last
+`attention_chunk_size - 1` keys/values on chunked layers. With the "sdpa" backend no mask is built:
+each layer gets an `AttentionLayout` (a few integers per token) and attends block-wise in memory
+linear in the length (chunked_attention.py), and a long prompt without gradients goes through the
+layers in slices of `config.prefill_chunk_size` tokens (default 8192) that fill the cache, so
+activations are bounded by the slice. Other backends ("eager", the reference) get transformers'
+dense masks: `create_causal_mask` for the NoPE (full attention) layers, `create_chunked_causal_mask`
+for the RoPE (chunked) layers. Either way, chunk boundaries start at a sequence's first real token
+(left padding is not counted) and, for documents packed into one row, at each document's first
+token, exactly as transformers computes them.
 """
 
 import torch
@@ -25,6 +30,7 @@ from transformers.modeling_outputs import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .chunked_attention import build_layouts
 from .configuration_llama4 import Llama4TextConfig
 from .decoder_layer import Llama4TextDecoderLayer
 from .moe import Llama4TextExperts, Llama4TextMoe
@@ -33,6 +39,8 @@ from .router_losses import load_balancing_loss, router_z_loss
 from .rope import Llama4TextRotaryEmbedding
 
 _MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+# Prompt slice of chunked prefill when `config.prefill_chunk_size` is not set (a multiple of Scout's chunk).
+DEFAULT_PREFILL_CHUNK_SIZE = 8192
 
 
 class Llama4PreTrainedModel(PreTrainedModel):
@@ -99,6 +107,25 @@ class Llama4TextModel(Llama4PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def _uses_layouts(self, attention_mask) -> bool:
+        """Linear-memory attention: sdpa, and no ready-made masks (a dict or a 4D tensor) given."""
+        if self.config._attn_implementation != "sdpa" or isinstance(attention_mask, dict):
+            return False
+        return not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
+
+    def _prefill_slice(self, length: int, cache, wants_per_layer_outputs: bool) -> int | None:
+        """Slice length for chunked prefill, or None to run the inputs in one go.
+
+        Slicing is exact, and used when nothing needs gradients or per-layer outputs."""
+        size = getattr(self.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK_SIZE
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"config.prefill_chunk_size must be a positive integer, got {size!r}")
+        if length <= size or torch.is_grad_enabled() or wants_per_layer_outputs:
+            return None
+        if cache is not None and not isinstance(cache, DynamicCache):
+            return None
+        return size
+
     def _build_masks(self, attention_mask, inputs_embeds, cache, position_ids) -> dict:
         if isinstance(attention_mask, dict):
             return attention_mask
@@ -121,6 +148,23 @@ class Llama4TextModel(Llama4PreTrainedModel):
             )
             for kind in set(self.config.layer_types)
         }
+
+    def _run_layers(
+        self, hidden_states, rotations, position_ids, masks, cache, all_hidden, all_router_logits, all_attentions,
+        output_hidden_states, output_attentions, **kwargs,
+    ) -> torch.Tensor:
+        """The decoder stack on some tokens; appends per-layer outputs to the given lists."""
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, router_logits, attention_weights = layer(
+                hidden_states, rotations, position_ids, attention_mask=masks[kind], cache=cache, **kwargs
+            )
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+            if output_attentions:
+                all_attentions.append(attention_weights)
+        return hidden_states
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -162,21 +206,45 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 f"position_ids must be (batch or 1, {length}) for {length} input tokens, got {tuple(position_ids.shape)}"
             )
 
-        masks = self._build_masks(attention_mask, inputs_embeds, cache, position_ids)
         rotations = self.rotary_emb(position_ids)
-
-        hidden_states = inputs_embeds
         all_hidden, all_router_logits, all_attentions = [], [], []
-        for layer, kind in zip(self.layers, self.config.layer_types):
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            hidden_states, router_logits, attention_weights = layer(
-                hidden_states, rotations, position_ids, attention_mask=masks[kind], cache=cache, **kwargs
+        if self._uses_layouts(attention_mask):
+            past = cache.get_seq_length() if cache is not None else 0
+            layouts = build_layouts(
+                self.config.layer_types,
+                self.config.attention_chunk_size,
+                attention_mask,
+                position_ids,
+                past,
+                length,
+                inputs_embeds.shape[0],
             )
-            if router_logits is not None:
-                all_router_logits.append(router_logits)
-            if output_attentions:
-                all_attentions.append(attention_weights)
+            per_layer = output_hidden_states or output_router_logits or output_attentions
+            slice_length = self._prefill_slice(length, cache, per_layer)
+            if slice_length is None:
+                hidden_states = self._run_layers(
+                    inputs_embeds, rotations, position_ids, layouts, cache, all_hidden, all_router_logits,
+                    all_attentions, output_hidden_states, output_attentions, **kwargs,
+                )
+            else:
+                prefill_cache = cache if cache is not None else DynamicCache(config=self.config)
+                slices = []
+                for begin in range(0, length, slice_length):
+                    end = min(length, begin + slice_length)
+                    slice_layouts = {kind: layout.for_queries(past + begin, past + end) for kind, layout in layouts.items()}
+                    slices.append(
+                        self._run_layers(
+                            inputs_embeds[:, begin:end], rotations[:, begin:end], position_ids[:, begin:end],
+                            slice_layouts, prefill_cache, [], [], [], False, False, **kwargs,
+                        )
+                    )
+                hidden_states = torch.cat(slices, dim=1)
+        else:
+            masks = self._build_masks(attention_mask, inputs_embeds, cache, position_ids)
+            hidden_states = self._run_layers(
+                inputs_embeds, rotations, position_ids, masks, cache, all_hidden, all_router_logits,
+                all_attentions, output_hidden_states, output_attentions, **kwargs,
+            )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
