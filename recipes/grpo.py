@@ -4,6 +4,9 @@
         --config recipes/configs/tiny/grpo.yaml [--model_name_or_path SFT_DIR --max_steps N ...]
 
 Prompts carry their gold `answer` (GSM8K layout), which the rewards in `recipes.rewards` read.
+`rewards: [reward_model]` with `reward_model_path: DIR` trains against a learned reward instead
+(RLHF; `recipes/reward.py` makes one), logging the true verified accuracy next to its score.
+`heldout_eval_steps: N` scores held-out problems through the eval harness every N steps.
 """
 
 from dataclasses import dataclass, field
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
+from recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
 from recipes.common import (
     PROMPT_TEMPLATES,
     RecipeArguments,
@@ -21,22 +25,38 @@ from recipes.common import (
     run_recipe,
     synthetic_problems,
 )
+from recipes.learned_reward import RewardModelScorer, reward_model_reward
 from recipes.rewards import REWARDS, for_trl
+
+# Rewards that need more than the completion and the dataset row: built here, not in recipes.rewards.
+LEARNED_REWARDS = ("reward_model",)
 
 
 @dataclass
-class GRPOArguments(RecipeArguments):
+class GRPOArguments(RecipeArguments, HeldOutEvalArguments):
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={
-        "help": f"Reward functions, from {sorted(REWARDS)}; weigh them with GRPOConfig's reward_weights."})
+        "help": f"Reward functions, from {sorted([*REWARDS, *LEARNED_REWARDS])}; weigh them with GRPOConfig's "
+                "reward_weights. 'reward_model' is the learned reward of reward_model_path."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "Folder of a reward model trained by recipes/reward.py, for the 'reward_model' reward."})
     length_soft_limit: int = field(default=128, metadata={"help": "Tokens before the length penalty starts."})
     length_hard_limit: int = field(default=256, metadata={"help": "Tokens at which the length penalty reaches -1."})
     code_timeout: float = field(default=3.0, metadata={"help": "Seconds per program for the code reward."})
+    allow_unsandboxed_code: bool = field(default=False, metadata={
+        "help": "Let the code reward execute completions even when full isolation (bubblewrap) is unavailable; "
+                "they can then read and write your files and use the network."})
 
     def __post_init__(self):
         super().__post_init__()
-        unknown = set(self.rewards) - set(REWARDS)
+        unknown = set(self.rewards) - set(REWARDS) - set(LEARNED_REWARDS)
         if unknown or not self.rewards:
-            raise ValueError(f"unknown rewards {sorted(unknown)}; choose from {sorted(REWARDS)}")
+            raise ValueError(f"unknown rewards {sorted(unknown)}; choose from {sorted([*REWARDS, *LEARNED_REWARDS])}")
+        if "reward_model" in self.rewards and not self.reward_model_path:
+            raise ValueError("the 'reward_model' reward needs reward_model_path: a folder saved by recipes/reward.py")
+        if "code" in self.rewards:  # refuse before training starts, not at the first reward call
+            from eval.sandbox import isolation_level
+
+            isolation_level(allow_unsandboxed=self.allow_unsandboxed_code)
 
 
 def grpo_dataset(recipe_args: GRPOArguments) -> Dataset:
@@ -50,9 +70,15 @@ def grpo_dataset(recipe_args: GRPOArguments) -> Dataset:
 def reward_functions(recipe_args: GRPOArguments, tokenizer) -> list:
     options = {
         "length": {"soft_limit": recipe_args.length_soft_limit, "hard_limit": recipe_args.length_hard_limit},
-        "code": {"timeout": recipe_args.code_timeout},
+        "code": {"timeout": recipe_args.code_timeout, "allow_unsandboxed": recipe_args.allow_unsandboxed_code},
     }
-    return [for_trl(name, tokenizer, **options.get(name, {})) for name in recipe_args.rewards]
+    functions = []
+    for name in recipe_args.rewards:
+        if name == "reward_model":
+            functions.append(reward_model_reward(RewardModelScorer(recipe_args.reward_model_path, tokenizer), tokenizer))
+        else:
+            functions.append(for_trl(name, tokenizer, **options.get(name, {})))
+    return functions
 
 
 def make_trainer(recipe_args, training_args, model_args):
@@ -61,7 +87,7 @@ def make_trainer(recipe_args, training_args, model_args):
         raise ValueError("beta > 0 needs a reference model: start from a saved model (--model_name_or_path) "
                          "or train LoRA adapters (--use_peft), or set beta: 0")
     tokenizer = build_tokenizer(recipe_args, model_args)
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=build_model(recipe_args, model_args, training_args, tokenizer),
         reward_funcs=reward_functions(recipe_args, tokenizer),
         args=training_args,
@@ -69,6 +95,8 @@ def make_trainer(recipe_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=lora_config(recipe_args, model_args),
     )
+    add_heldout_eval(trainer, recipe_args, tokenizer)
+    return trainer
 
 
 def main(args=None) -> dict:
