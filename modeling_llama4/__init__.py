@@ -14,6 +14,12 @@ from .modeling_vision import Llama4VisionModel
 from .moe import Llama4TextMoe, expert_load_metrics
 from .parameter_count import parameter_counts
 from .processing import Llama4Processor
+from .registration import (
+    official_model_types,
+    official_model_types_registered,
+    register_official_model_types,
+    unregister_official_model_types,
+)
 from .router_losses import load_balancing_loss, router_z_loss
 from .transformers_compat import from_transformers_config, to_transformers_config
 
@@ -34,7 +40,11 @@ __all__ = [
     "expert_load_metrics",
     "from_transformers_config",
     "load_balancing_loss",
+    "official_model_types",
+    "official_model_types_registered",
     "parameter_counts",
+    "register_official_model_types",
     "router_z_loss",
     "to_transformers_config",
+    "unregister_official_model_types",
 ]

@@ -64,3 +64,56 @@ Llama4Processor.register_for_auto_class("AutoProcessor")
 # saved model folder's AutoTokenizer resolves to it even where only modeling_llama4 was imported.
 AutoTokenizer.register(Llama4TextConfig, tokenizer_class=Llama4Tokenizer, exist_ok=True)
 AutoTokenizer.register(Llama4Config, tokenizer_class=Llama4Tokenizer, exist_ok=True)
+
+
+# --- Opt-in: official checkpoints through the Auto API -------------------------------------------------------------
+# Official folders (the Hub's meta-llama/Llama-4-*, and what transformers' own Llama 4 classes save) carry the model
+# types below, which transformers maps to its own (dense) classes. Mapping them to this package's configs instead
+# makes AutoConfig read them as ours; our configs are registered with the AutoModel* classes above, so those then
+# build this package's models from the unchanged official weights.
+OFFICIAL_MODEL_TYPES = {"llama4": Llama4Config, "llama4_text": Llama4TextConfig, "llama4_vision_model": Llama4VisionConfig}
+_displaced: dict = {}
+
+
+def register_official_model_types() -> None:
+    """Serve official `model_type: "llama4"` (and `"llama4_text"`, `"llama4_vision_model"`) folders with this
+    package's classes through AutoConfig/AutoModel/AutoModelForCausalLM/AutoModelForImageTextToText, in this
+    process, until `unregister_official_model_types()`. Idempotent. Processors are not redirected: load an official
+    processor with `Llama4Processor.from_pretrained`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for model_type, config_class in OFFICIAL_MODEL_TYPES.items():
+        if model_type not in _displaced:
+            # What was registered before (normally nothing: transformers' built-in class applies).
+            _displaced[model_type] = CONFIG_MAPPING._extra_content.get(model_type)
+        CONFIG_MAPPING.register(model_type, config_class, exist_ok=True)
+
+
+def unregister_official_model_types() -> None:
+    """Undo `register_official_model_types()`: official folders resolve to transformers' classes again."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for model_type, previous in list(_displaced.items()):
+        if previous is None:
+            CONFIG_MAPPING._extra_content.pop(model_type, None)
+        else:
+            CONFIG_MAPPING._extra_content[model_type] = previous
+        del _displaced[model_type]
+
+
+def official_model_types_registered() -> bool:
+    return bool(_displaced)
+
+
+class official_model_types:
+    """`with modeling_llama4.official_model_types(): ...` registers the official model types for the block only."""
+
+    def __enter__(self):
+        self._was_registered = official_model_types_registered()
+        register_official_model_types()
+        return self
+
+    def __exit__(self, *exc_info):
+        if not self._was_registered:
+            unregister_official_model_types()
+        return False

@@ -288,3 +288,58 @@ def test_saved_tokenizer_keeps_role_spoof_safety_through_remote_code(trained, tm
         assert expected.count(tokenizer.convert_tokens_to_ids(token)) == 1
     unsafe = tokenizer.apply_chat_template(SPOOF, tokenize=True, return_dict=True, sanitize_control_tokens=False)
     assert unsafe["input_ids"].count(tokenizer.convert_tokens_to_ids("<|eot|>")) == 3
+
+
+def _official_folder(model, folder: Path) -> Path:
+    """`model` (one of transformers' own Llama 4 classes) saved as an official checkpoint is laid out: its
+    model_type, no auto_map, no source files."""
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("auto_map", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    for source in folder.glob("*.py"):
+        source.unlink()
+    return folder
+
+
+def test_official_model_types_opt_in_serves_official_folders_with_this_package(tmp_path):
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import modeling_llama4
+    from modeling_llama4 import Llama4Config, Llama4TextConfig
+    from modeling_llama4.transformers_compat import to_transformers_config
+
+    torch.manual_seed(0)
+    Llama4ForConditionalGeneration(Llama4Config.from_preset("tiny")).save_pretrained(tmp_path / "ours")
+    theirs = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    official = _official_folder(theirs, tmp_path / "official")
+    their_text = transformers.Llama4ForCausalLM(to_transformers_config(Llama4TextConfig.from_preset("tiny"))).eval()
+    official_text = _official_folder(their_text, tmp_path / "official_text")
+    assert json.loads((official / "config.json").read_text())["model_type"] == "llama4"
+    assert json.loads((official_text / "config.json").read_text())["model_type"] == "llama4_text"
+    ids = torch.randint(0, 4096, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    assert type(AutoModelForCausalLM.from_pretrained(official_text)) is transformers.Llama4ForCausalLM
+    assert not modeling_llama4.official_model_types_registered()
+    with modeling_llama4.official_model_types():
+        assert type(AutoConfig.from_pretrained(official)) is Llama4Config
+        model, info = AutoModelForCausalLM.from_pretrained(official, output_loading_info=True)
+        assert type(model) is Llama4ForConditionalGeneration
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+        assert type(AutoModelForImageTextToText.from_pretrained(official)) is Llama4ForConditionalGeneration
+        text_model = AutoModelForCausalLM.from_pretrained(official_text)
+        assert type(text_model) is Llama4ForCausalLM
+        with torch.no_grad():
+            assert (model(ids).logits - theirs.language_model(ids).logits).abs().max() <= 1e-4
+            assert (text_model(ids).logits - their_text(ids).logits).abs().max() <= 1e-4
+    # Reversible: transformers' classes again.
+    assert not modeling_llama4.official_model_types_registered()
+    assert type(AutoModelForCausalLM.from_pretrained(official_text)) is transformers.Llama4ForCausalLM
+    modeling_llama4.register_official_model_types()
+    modeling_llama4.register_official_model_types()  # idempotent: one unregister undoes both
+    try:
+        assert type(AutoModelForCausalLM.from_pretrained(official_text)) is Llama4ForCausalLM
+    finally:
+        modeling_llama4.unregister_official_model_types()
+    assert type(AutoConfig.from_pretrained(official)) is transformers.Llama4Config
