@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import eager_attention
 from .configuration_llama4 import Llama4VisionConfig
+from .saving import SavesAsOwnClass
 from .vision_rope import apply_vision_rotary, vision_rotary_angles
 
 
@@ -138,7 +139,7 @@ class Llama4VisionAdapter(nn.Module):
         return self.mlp(pixel_shuffle(patches, self.pixel_shuffle_ratio))
 
 
-class Llama4VisionModel(PreTrainedModel):
+class Llama4VisionModel(SavesAsOwnClass, PreTrainedModel):
     """Tiles (N, 3, image_size, image_size) -> `last_hidden_state` (N, tokens_per_tile, projector_output_dim).
 
     Tiles are independent: a batch of tiles gives the same features as the tiles one by one.

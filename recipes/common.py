@@ -239,10 +239,15 @@ def run_recipe(method: str, training_config_class, make_trainer, args=None, argu
     # Imported here: the dry run builds on this module's model and LoRA helpers.
     from .dry_run import dry_run
 
+    from .distributed import ShardingReport, check_parallelism, enable_fsdp_on_cpu
+
     recipe_args, training_args, model_args = parse_recipe(training_config_class, arguments_class, args=args)
     if recipe_args.dry_run:
         return dry_run(recipe_args, training_args, model_args, method)
+    enable_fsdp_on_cpu()
     trainer = make_trainer(recipe_args, training_args, model_args)
+    check_parallelism(trainer)
+    trainer.add_callback(ShardingReport())
     return train_and_save(trainer, training_args, recipe_args, model_args, method)
 
 
@@ -256,6 +261,9 @@ def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None =
                          "under FSDP/DeepSpeed save the adapters, then merge them offline with PEFT's "
                          "merge_and_unload on the base model")
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may stay sharded (fast to write, resumable); the final folder is a normal one.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():

@@ -10,7 +10,6 @@ from accelerate.commands.launch import launch_command_parser
 from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
 import modeling_llama4
-from modeling_llama4 import Llama4ForConditionalGeneration
 from recipes.common import RecipeArguments, parse_recipe
 from recipes.grpo import GRPOArguments
 
@@ -23,7 +22,7 @@ ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
 
 def test_every_size_has_configs():
     assert {p.parent.name for p in RECIPE_CONFIGS} == {"tiny", "scout", "maverick"}
-    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "zero3_moe"}
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "fsdp2_cpu", "zero3_moe"}
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -65,13 +64,20 @@ def test_accelerate_config_loads_and_names_real_classes(path):
     fsdp = raw.get("fsdp_config", {})
     if fsdp:
         assert fsdp["fsdp_version"] == 2
-        wrapped = set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","))
-        assert wrapped == set(Llama4ForConditionalGeneration._no_split_modules)
+        # No explicit class list: accelerate takes the model's _no_split_modules, so text-only models (which have
+        # no vision layers to find) shard as well as multimodal ones.
+        assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     leaf = raw.get("deepspeed_config", {}).get("deepspeed_moe_layer_cls_names")
     if leaf:
         assert raw["deepspeed_config"]["zero_stage"] == 3
         for name in leaf.split(","):
             assert hasattr(modeling_llama4.moe, name), name
+    if path.stem == "fsdp2_cpu":
+        # The GPU config with only the device changed.
+        gpu = yaml.safe_load((path.parent / "fsdp2.yaml").read_text())
+        assert raw["fsdp_config"] == gpu["fsdp_config"]
+        assert {k for k in raw if raw[k] != gpu.get(k)} <= {"mixed_precision", "num_processes", "main_process_port"}
     if path.stem == "ddp_cpu":
         # MULTI_GPU is what makes accelerate start two processes on a CPU-only host (gloo).
         assert config.distributed_type.value == "MULTI_GPU" and config.num_processes == 2 and not config.use_cpu

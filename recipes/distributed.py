@@ -1,0 +1,84 @@
+"""What `accelerate launch` asked for is what the recipes train with: FSDP2 also on CPU, never a silent fallback.
+
+Two gaps in the pinned stack, both seen with `recipes/accelerate_configs/fsdp2_cpu.yaml` on 2 CPU processes:
+
+- accelerate 1.15 turns a launch's FSDP request into FSDP only for accelerator devices (MULTI_GPU, MULTI_XPU,
+  ...). On CPU the state stays MULTI_CPU, and the Trainer wraps the model in DDP: a replica on every rank, no
+  sharding, no error. PyTorch's `fully_shard` itself runs on CPU over gloo, so `enable_fsdp_on_cpu` promotes the
+  MULTI_CPU state to FSDP when the launch asked for it, exactly as accelerate does for GPUs; the rest (wrapping
+  per decoder layer, gathering the full state dict for saving, sharded optimizer checkpoints) is accelerate's.
+- with `use_cpu: false` and no GPU, transformers only warns "process group is initialized, but parallel_mode !=
+  ParallelMode.DISTRIBUTED" and every rank trains alone on its own batches. `check_parallelism` refuses that and
+  any other launch whose FSDP or DeepSpeed request the trainer would not honour.
+
+`ShardingReport` logs, when training starts, how the model is actually distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+from transformers.training_args import ParallelMode
+
+logger = logging.getLogger("recipes")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let an FSDP launch shard on CPU (gloo). Idempotent; a no-op unless the launch asked for FSDP."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if not _env_flag("ACCELERATE_USE_FSDP") or getattr(AcceleratorState.__init__, "_fsdp_on_cpu", False):
+        return
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # Later AcceleratorState() calls copy PartialState's view back in: it must agree.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    init._fsdp_on_cpu = True
+    AcceleratorState.__init__ = init
+
+
+def check_parallelism(trainer) -> None:
+    """Raise when the launch asked for more than one process, FSDP or DeepSpeed and the trainer would do less."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fix = ("Pair the accelerate config with `use_cpu: true` in the recipe config on a machine without GPUs "
+           "(recipes/accelerate_configs/*_cpu.yaml), or run on GPUs.")
+    if world > 1 and trainer.args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ValueError(f"launched {world} processes, but the trainer is not distributed: every rank would train "
+                         f"alone on its own batches. {fix}")
+    if _env_flag("ACCELERATE_USE_FSDP") and not trainer.is_fsdp_enabled:
+        raise ValueError(f"the accelerate config asks for FSDP, but the trainer would train an unsharded replica on "
+                         f"every rank. {fix}")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and not trainer.is_deepspeed_enabled:
+        raise ValueError("the accelerate config asks for DeepSpeed, but the trainer would not use it; install "
+                         "deepspeed (`pip install deepspeed`) and run on GPUs.")
+
+
+class ShardingReport(TrainerCallback):
+    """Logs once, at the start of training, whether the parameters are sharded and how much this rank holds."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        total = sum(p.numel() for p in params)
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        logger.info("rank %d: %d of %d parameter tensors sharded (DTensor); this rank holds %d of %d elements "
+                    "(%.1f%%)", rank, len(sharded), len(params), local, total, 100 * local / max(total, 1))
