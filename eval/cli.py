@@ -38,12 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsandboxed", action="store_true",
                    help="execute HumanEval programs even when full isolation (bubblewrap) is unavailable; they can "
                    "then read and write your files and use the network. Recorded in results.json")
+    p.add_argument("--niah-lengths", help="niah context lengths in tokens, comma-separated (default 1024,2048,4096,8192)")
+    p.add_argument("--niah-depths", help="niah needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--niah-keys", help="niah needle counts (1 = single key, more = distractor keys; default 1,4)")
+    p.add_argument("--niah-samples", type=int, default=2, help="niah documents per (keys, length, depth) cell")
+    p.add_argument("--niah-digits", type=int, default=7, help="digits of each niah magic number")
+    p.add_argument("--niah-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared few-shot prefixes per batch")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _niah_options(args) -> dict:
+    def numbers(text, kind):
+        return [kind(v) for v in text.split(",") if v.strip()] if text else None
+
+    return {"lengths": numbers(args.niah_lengths, int), "depths": numbers(args.niah_depths, float),
+            "keys": numbers(args.niah_keys, int), "samples": args.niah_samples, "digits": args.niah_digits,
+            "seed": args.niah_seed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             allow_unsandboxed=args.allow_unsandboxed,
             progress=not args.no_progress,
+            niah=_niah_options(args),
         )
     except (ValueError, TypeError, OSError, SandboxUnavailable) as e:
         print(f"llama4-eval: error: {e}", file=sys.stderr)

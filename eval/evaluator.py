@@ -16,7 +16,7 @@ from .report import SampleStore, write_report
 from .runner import ModelRunner, load_model
 from .tasks import TASKS
 
-PREDICTION_TASKS = ("humaneval", "gsm8k", "gsm8k_cot", "gsm8k_chat")
+PREDICTION_TASKS = ("humaneval", "gsm8k", "gsm8k_cot", "gsm8k_chat", "niah")
 
 
 class _Processes:
@@ -73,6 +73,8 @@ def _build_task(name: str, opts: dict, tokenizer):
     common = {"data_dir": opts["data_dir"], "num_fewshot": opts["num_fewshot"], "limit": opts["limit"]}
     if name == "mmlu":
         return cls(**common, subjects=opts["mmlu_subjects"])
+    if name == "niah":
+        return cls(**common, max_gen_toks=opts["max_new_tokens"], tokenizer=tokenizer, **(opts["niah"] or {}))
     if name == "humaneval":
         return cls(
             **common,
@@ -150,6 +152,7 @@ def evaluate(
     workers: int | None = None,
     allow_unsandboxed: bool = False,
     progress: bool = True,
+    niah: dict | None = None,
 ) -> dict[str, dict]:
     """Evaluate `model` (a path/hub id or an in-memory causal LM) on `tasks`; returns {task: metrics}.
 
@@ -159,6 +162,8 @@ def evaluate(
 
     HumanEval executes generated code only fully isolated (eval.sandbox): when isolation is unavailable it raises
     eval.sandbox.SandboxUnavailable before anything is generated or run, unless `allow_unsandboxed` opts out.
+
+    `niah` holds the needle-in-a-haystack grid options (`lengths`, `depths`, `keys`, `samples`, `seed`, `digits`).
     """
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -166,7 +171,7 @@ def evaluate(
     opts = dict(
         data_dir=data_dir, num_fewshot=num_fewshot, limit=limit, max_new_tokens=max_new_tokens, num_samples=num_samples,
         temperature=temperature, top_p=top_p, seed=seed, mmlu_subjects=mmlu_subjects, timeout=timeout, workers=workers,
-        allow_unsandboxed=allow_unsandboxed,
+        allow_unsandboxed=allow_unsandboxed, niah=niah,
     )
     procs = _Processes(device)
     config = {"tasks": names, "limit": limit, "num_fewshot": num_fewshot, "data_dir": str(data_dir) if data_dir else None}
@@ -190,6 +195,7 @@ def evaluate(
         if output_dir and procs.rank == 0:
             SampleStore(output_dir, task.name, {"predictions": str(predictions), **task.config()}, fresh=True).add(records)
             write_report(output_dir, results, config)
+            _write_task_plots([task], results, output_dir)
         return results
 
     if model is None:
@@ -213,9 +219,10 @@ def evaluate(
     runner = ModelRunner(model, tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
                          progress=progress and procs.rank == 0)
 
-    results, task_configs = {}, {}
+    results, task_configs, built = {}, {}, []
     for name in names:
         task = _build_task(name, opts, tokenizer)
+        built.append(task)
         task_configs[name] = task.config()
         store = SampleStore(output_dir, name, {**fingerprint, **task.config(), "max_length": runner.max_length},
                             writer=procs.rank == 0)
@@ -229,4 +236,12 @@ def evaluate(
                   task_config=task_configs, world_size=procs.world)
     if output_dir and procs.rank == 0:
         write_report(output_dir, results, config)
+        _write_task_plots(built, results, output_dir)
     return results
+
+
+def _write_task_plots(tasks, results: dict, output_dir) -> None:
+    """Task-specific figures (the niah heatmap) next to results.png."""
+    for task in tasks:
+        if hasattr(task, "write_plots"):
+            task.write_plots(results[task.name], output_dir)

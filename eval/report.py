@@ -15,6 +15,7 @@ HEADLINE = {
     "gsm8k_cot": ("exact_match_strict", "exact_match_flexible"),
     "gsm8k_chat": ("exact_match_strict", "exact_match_flexible"),
     "humaneval": ("pass@1", "pass@10", "pass@100"),
+    "niah": ("accuracy",),
 }
 
 

@@ -1,0 +1,117 @@
+"""Train the tiny preset from scratch on synthetic retrieval (niah-format documents of <= 2k tokens),
+then score the niah grid far past the training length.
+
+    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/retrieval --steps 1500
+    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/retrieval_no_temp --no_temperature_tuning
+
+A plain loop (AdamW, warm-up then cosine decay, loss on the answer tokens only; each document asks
+for every key it hides): the documents come
+from recipes/data/retrieval.py, right-padded (causal attention never looks right, so no mask is
+needed). The saved folder loads with `Llama4ForCausalLM.from_pretrained` and runs through
+`llama4-eval --tasks niah`; `--eval_lengths` scores it here at the end through `eval.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from recipes.data.retrieval import retrieval_batch
+from tokenizer import load_tokenizer
+
+
+def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels that are -100 everywhere but on the answers."""
+    width = max(len(e["ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    for i, e in enumerate(examples):
+        row = torch.tensor(e["ids"])
+        ids[i, : len(row)] = row
+        labels[i, : len(row)] = torch.where(torch.tensor(e["answer_mask"]), row, -100)
+    return ids, labels
+
+
+def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the answer tokens, with the LM head applied only where it is scored."""
+    hidden = model.model(ids, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]), targets[scored])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--min_length", type=int, default=512)
+    parser.add_argument("--max_length", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--max_keys", type=int, default=4)
+    parser.add_argument("--digits", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_temperature_tuning", action="store_true")
+    parser.add_argument("--max_position_embeddings", type=int, default=1 << 17)
+    parser.add_argument("--eval_lengths", default="", help="comma-separated niah lengths to score at the end")
+    parser.add_argument("--eval_samples", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer()
+    config = Llama4TextConfig.from_preset(
+        "tiny", max_position_embeddings=args.max_position_embeddings,
+        attn_temperature_tuning=not args.no_temperature_tuning,
+    )
+    config._attn_implementation = "sdpa"
+    model = Llama4ForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+    )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    log = open(args.output_dir / "train_log.jsonl", "w")
+    started = time.time()
+    for step in range(args.steps):
+        batch = retrieval_batch(tokenizer, args.seed, step, args.batch_size, args.min_length, args.max_length,
+                                args.max_keys, args.digits)
+        ids, labels = collate(batch, config.pad_token_id)
+        loss = answer_loss(model, ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == args.steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 4), "tokens": ids.shape[1],
+                   "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(json.dumps(row), flush=True)
+    model.eval()
+    model.save_pretrained(args.output_dir / "model")
+    tokenizer.save_pretrained(args.output_dir / "model")
+    summary = {"train_s": round(time.time() - started, 1), "steps": args.steps,
+               "temperature_tuning": not args.no_temperature_tuning}
+    if args.eval_lengths:
+        import eval as harness
+
+        lengths = [int(n) for n in args.eval_lengths.split(",")]
+        summary["niah"] = harness.evaluate(
+            model, tokenizer, tasks=["niah"], batch_size=4, output_dir=args.output_dir / "niah",
+            niah={"lengths": lengths, "samples": args.eval_samples, "digits": args.digits}, progress=False,
+        )["niah"]
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
