@@ -116,12 +116,19 @@ class Llama4ForConditionalGeneration(SavesAsOwnClass, PreTrainedModel, Generatio
     def model(self) -> Llama4MultimodalBackbone:
         return Llama4MultimodalBackbone(self)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # The name TRL 1.16 and PEFT 0.21 still read; answered without transformers' deprecation warning
+        # (only their maintainers can act on it). Same value as `is_activation_checkpointing`.
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers writes one auto class per model class into config.json's `auto_map`; a saved folder
         also names this class for AutoModel and AutoModelForCausalLM, so it loads through them with
         `trust_remote_code=True` where this package is not installed."""
         if self._auto_class is not None:
-            entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            # This module and class by name (not type(self), which FSDP2 swaps for a torch-generated subclass).
+            entry = f"{__name__.rsplit('.', 1)[-1]}.{Llama4ForConditionalGeneration.__name__}"
             for auto_class in ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
                 self.config.auto_map.setdefault(auto_class, entry)
         return super().save_pretrained(save_directory, *args, **kwargs)

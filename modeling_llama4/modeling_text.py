@@ -53,6 +53,12 @@ class Llama4PreTrainedModel(SavesAsOwnClass, PreTrainedModel):
     # Chunked layers need a mask that flash-attention kernels cannot take.
     _supports_flash_attn = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # The name TRL 1.16 and PEFT 0.21 still read; answered without transformers' deprecation warning
+        # (only their maintainers can act on it). Same value as `is_activation_checkpointing`.
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range

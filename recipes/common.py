@@ -157,6 +157,12 @@ def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{text_config.vocab_size}; use a matching tokenizer or preset")
     text_config.pad_token_id = tokenizer.pad_token_id
+    if training_args.ddp_find_unused_parameters is None:
+        # DDP must look for parameters without gradients only when some can have none: the vision tower of the
+        # multimodal model on text-only data. Anywhere else the search costs a graph walk per step and torch warns
+        # that it found nothing (transformers turns it on whenever activation checkpointing is off).
+        training_args.ddp_find_unused_parameters = (recipe_args.model_class == "conditional_generation"
+                                                    and recipe_args.dataset_name != "shapes")
     if model_args.use_peft and not model_args.model_name_or_path:
         save_base_model(model, tokenizer, training_args)
     return model
