@@ -67,18 +67,26 @@ def check_parallelism(trainer) -> None:
                          "deepspeed (`pip install deepspeed`) and run on GPUs.")
 
 
+def _sizes(param) -> tuple[bool, int, int]:
+    """(sharded, elements on this rank, elements in all) for a plain, FSDP2 (DTensor) or ZeRO-3 parameter."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return True, param.to_local().numel(), param.numel()
+    if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3 keeps a partition and an empty placeholder
+        return True, param.ds_tensor.numel(), param.ds_numel
+    return False, param.numel(), param.numel()
+
+
 class ShardingReport(TrainerCallback):
     """Logs once, at the start of training, whether the parameters are sharded and how much this rank holds."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        from torch.distributed.tensor import DTensor
-
-        params = list(model.parameters())
-        sharded = [p for p in params if isinstance(p, DTensor)]
-        total = sum(p.numel() for p in params)
-        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        sizes = [_sizes(p) for p in model.parameters()]
+        sharded = sum(s for s, _, _ in sizes)
+        local, total = sum(n for _, n, _ in sizes), sum(n for _, _, n in sizes)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        logger.info("rank %d: %d of %d parameter tensors sharded (DTensor); this rank holds %d of %d elements "
-                    "(%.1f%%)", rank, len(sharded), len(params), local, total, 100 * local / max(total, 1))
+        logger.info("rank %d: %d of %d parameter tensors sharded; this rank holds %d of %d elements (%.1f%%)",
+                    rank, sharded, len(sizes), local, total, 100 * local / max(total, 1))

@@ -22,7 +22,8 @@ ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
 
 def test_every_size_has_configs():
     assert {p.parent.name for p in RECIPE_CONFIGS} == {"tiny", "scout", "maverick"}
-    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "fsdp2_cpu", "zero3_moe"}
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "fsdp2_cpu", "zero3_moe",
+                                                  "zero3_moe_cpu"}
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -73,10 +74,11 @@ def test_accelerate_config_loads_and_names_real_classes(path):
         assert raw["deepspeed_config"]["zero_stage"] == 3
         for name in leaf.split(","):
             assert hasattr(modeling_llama4.moe, name), name
-    if path.stem == "fsdp2_cpu":
+    if path.stem.endswith("_cpu") and path.stem != "ddp_cpu":
         # The GPU config with only the device changed.
-        gpu = yaml.safe_load((path.parent / "fsdp2.yaml").read_text())
-        assert raw["fsdp_config"] == gpu["fsdp_config"]
+        gpu = yaml.safe_load((path.parent / f"{path.stem[:-4]}.yaml").read_text())
+        assert raw.get("fsdp_config") == gpu.get("fsdp_config")
+        assert raw.get("deepspeed_config") == gpu.get("deepspeed_config")
         assert {k for k in raw if raw[k] != gpu.get(k)} <= {"mixed_precision", "num_processes", "main_process_port"}
     if path.stem == "ddp_cpu":
         # MULTI_GPU is what makes accelerate start two processes on a CPU-only host (gloo).

@@ -58,7 +58,7 @@ def test_fsdp2_on_cpu_shards_every_parameter(runs):
     log = fsdp.stderr + fsdp.stdout
     for rank in (0, 1):
         # The tiny model's 45 parameter tensors are DTensors and each rank holds half of the elements.
-        assert f"rank {rank}: 45 of 45 parameter tensors sharded (DTensor)" in log
+        assert f"rank {rank}: 45 of 45 parameter tensors sharded;" in log
         assert "(50.0%)" in log
     assert "reducer.cpp" not in log  # no DDP replica anywhere
     # Sharded checkpoints, written once (rank 0 writes the metadata, each rank its shard).
@@ -106,3 +106,27 @@ def test_a_launch_that_would_train_unsharded_is_refused(tmp_path):
     assert refused.returncode != 0
     assert "every rank would train alone" in refused.stderr
     assert not (tmp_path / "refused" / "model.safetensors").exists()
+
+
+def test_zero3_on_cpu_shards_and_matches_one_process(tmp_path):
+    """DeepSpeed ZeRO-3 with the MoE block as a leaf, 2 CPU processes vs one, from the same saved weights
+    (ZeRO-3 initialises a preset model partition by partition, so a preset would start from other values)."""
+    from tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    from modeling_llama4 import Llama4TextConfig
+
+    Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")).save_pretrained(tmp_path / "init")
+    load_tokenizer().save_pretrained(tmp_path / "init")
+    start = ["--model_name_or_path", str(tmp_path / "init"), "--save_strategy", "no"]
+    zero3 = _launch(*start, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "zero3"),
+                    config=REPO / "recipes" / "accelerate_configs" / "zero3_moe_cpu.yaml")
+    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 45 of 45 parameter tensors sharded; this rank holds" in zero3.stderr + zero3.stdout
+    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *COMMON, *start,
+                             "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single")],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _losses(tmp_path / "zero3") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+    torch.testing.assert_close(_logits(tmp_path / "zero3"), _logits(tmp_path / "single"), rtol=1e-3, atol=1e-3)
