@@ -122,6 +122,19 @@ def test_limits_and_classification():
     assert not any(v.passed for v in verdicts)
 
 
+def orphan_program(marker: str) -> str:
+    """Leaves a detached grandchild (its own session) sleeping for a minute, `marker` in its command line."""
+    return (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-S', '-c', 'import time; time.sleep(60)', '{marker}'])\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.3)\n"
+    )
+
+
 def hostile_suite(tmp_path: Path, harness_pid: int):
     """({name: (program, whether it should pass, None: either)}, paths and marker to check afterwards). Every hostile program
     asserts that its attack worked, so a pass would mean the attack succeeded."""
@@ -165,14 +178,7 @@ def hostile_suite(tmp_path: Path, harness_pid: int):
             f"assert libc.ptrace(16, {harness_pid}, 0, 0) == 0\n", False),
         "see_harness": (f"import os\nassert os.path.exists('/proc/{harness_pid}/cmdline')\n"
                         f"assert b'pytest' in open('/proc/{harness_pid}/cmdline', 'rb').read()\n", False),
-        "orphan": (
-            "import os, sys, time\n"
-            "if os.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            f"        os.execv(sys.executable, [sys.executable, '-S', '-c', 'import time; time.sleep(60)', '{marker}'])\n"
-            "    os._exit(0)\n"
-            "time.sleep(0.3)\n", True),
+        "orphan": (orphan_program(marker), True),
         "fork_bomb": (
             f"import os\n# {marker}\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
             False),
@@ -300,16 +306,7 @@ def test_unsandboxed_root_run_leaves_no_process_behind(monkeypatch, tmp_path):
             "needs root and a world-executable system Python, as on CI")
     hide_isolation_tools(monkeypatch, tmp_path)
     marker = f"orphan-{uuid.uuid4().hex}"
-    source = (
-        "import os, sys, time\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    if os.fork() == 0:\n"
-        f"        os.execv(sys.executable, [sys.executable, '-S', '-c', 'import time; time.sleep(60)', '{marker}'])\n"
-        "    os._exit(0)\n"
-        "time.sleep(0.3)\n"
-        "assert os.getuid() != 0\n"
-    )
+    source = orphan_program(marker) + "assert os.getuid() != 0\n"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert run_program(source, allow_unsandboxed=True, python=SYSTEM_PYTHON).passed
