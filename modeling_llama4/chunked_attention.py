@@ -223,3 +223,17 @@ def linear_memory_attention(
             _sdpa(query[:, :, q_lo - start : q_hi - start], key[:, :, span], value[:, :, span], scaling, dropout, mask)
         )
     return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def kv_cache_bytes(config, tokens: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes of keys and values `DynamicCache(config)` holds after `tokens` tokens:
+
+        2 * num_key_value_heads * head_dim * bytes_per_value * (full_layers * tokens + chunked_layers * min(tokens, chunk - 1))
+
+    per sequence; full (NoPE) layers keep every token, chunked layers at most chunk - 1.
+    """
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
+    chunked = sum(kind == "chunked_attention" for kind in config.layer_types)
+    full = len(config.layer_types) - chunked
+    window = min(tokens, config.attention_chunk_size - 1) if chunked else 0
+    return batch * per_token_layer * (full * tokens + chunked * window)

@@ -114,9 +114,12 @@ class Llama4TextModel(Llama4PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _uses_layouts(self, attention_mask) -> bool:
-        """Linear-memory attention: sdpa, and no ready-made masks (a dict or a 4D tensor) given."""
+    def _uses_layouts(self, attention_mask, cache) -> bool:
+        """Linear-memory attention: sdpa, no ready-made masks (a dict or a 4D tensor) and a cache whose
+        keys are the latest tokens in order (a `DynamicCache`; static caches get the dense masks)."""
         if self.config._attn_implementation != "sdpa" or isinstance(attention_mask, dict):
+            return False
+        if cache is not None and not isinstance(cache, DynamicCache):
             return False
         return not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
 
@@ -128,8 +131,6 @@ class Llama4TextModel(Llama4PreTrainedModel):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"config.prefill_chunk_size must be a positive integer, got {size!r}")
         if length <= size or torch.is_grad_enabled() or wants_per_layer_outputs:
-            return None
-        if cache is not None and not isinstance(cache, DynamicCache):
             return None
         return size
 
@@ -215,7 +216,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
 
         rotations = self.rotary_emb(position_ids)
         all_hidden, all_router_logits, all_attentions = [], [], []
-        if self._uses_layouts(attention_mask):
+        if self._uses_layouts(attention_mask, cache):
             past = cache.get_seq_length() if cache is not None else 0
             layouts = build_layouts(
                 self.config.layer_types,

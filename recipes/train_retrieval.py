@@ -1,8 +1,10 @@
 """Train the tiny preset from scratch on synthetic retrieval (niah-format documents of <= 2k tokens),
 then score the niah grid far past the training length.
 
-    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/retrieval --steps 1500
-    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/retrieval_no_temp --no_temperature_tuning
+    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/tt \
+        --steps 1000 --min_length 384 --max_length 1024
+    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/notemp \
+        --steps 1000 --min_length 384 --max_length 1024 --no_temperature_tuning
 
 A plain loop (AdamW, warm-up then cosine decay, loss on the answer tokens only; each document asks
 for every key it hides): the documents come

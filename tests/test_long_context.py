@@ -201,3 +201,14 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
     # cost < 5x the memory (the dense-mask path costs ~9x from 4k to 16k, see bench/README.md).
     short, long = _peak_mb(4096, "sdpa"), _peak_mb(16384, "sdpa")
     assert long <= 5 * short, (short, long)
+
+
+def test_kv_cache_bytes_formula_matches_a_real_cache():
+    from modeling_llama4.chunked_attention import kv_cache_bytes
+
+    fast = our_model(tiny_config("scout", "sdpa", prefill_chunk_size=16))
+    for length in (5, 8, 37):
+        with torch.no_grad():
+            cache = fast(_ids(2, length, seed=8), use_cache=True).cache
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert held == kv_cache_bytes(fast.config, length, bytes_per_value=4, batch=2)
