@@ -13,6 +13,7 @@ import copy
 from transformers import PreTrainedConfig
 
 from .presets import TEXT_PRESETS, VISION_PRESETS, composite_preset
+from .rope import check_rope_type
 
 MOE_BALANCING = ("none", "aux_loss_free")
 # How the routed experts are computed; "auto" picks the fastest that runs on the device (see moe.py).
@@ -42,9 +43,13 @@ def _fold_rope(rope_parameters, rope_theta, rope_scaling, default_theta: float) 
         params.setdefault("rope_theta", rope_theta if rope_theta is not None else default_theta)
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", default_theta)
-    if params["rope_type"] not in ("default", "llama3"):
+    check_rope_type(params["rope_type"])
+    partial = params.get("partial_rotary_factor")
+    if partial not in (None, 1, 1.0) and params["rope_type"] != "proportional":
         raise ValueError(
-            f"rope_type {params['rope_type']!r} is not supported; Llama 4 uses 'default' or 'llama3'"
+            f"partial_rotary_factor={partial} with rope_type {params['rope_type']!r}: Llama 4 rotates every channel "
+            "pair of the head; drop partial_rotary_factor, or use rope_type 'proportional' (rotates that fraction "
+            "of the pairs and leaves the rest unrotated)"
         )
     if params["rope_type"] == "llama3":
         missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} - set(params)
@@ -174,13 +179,19 @@ class Llama4TextConfig(PreTrainedConfig):
         self.auto_map = _own_auto_map(kwargs)
         # Before transformers' own checks, which would report some of the same problems less clearly.
         self.validate_architecture()
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                pad_token_id=pad_token_id,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                tie_word_embeddings=tie_word_embeddings,
+                **kwargs,
+            )
+        except KeyError as error:
+            # transformers' own check of a scaled rope_type's fields (llama3: ours, above) names missing keys so.
+            if "rope_parameters" not in str(error):
+                raise
+            raise ValueError(f"rope_parameters {self.rope_parameters} are incomplete: {error.args[0]}") from None
 
     def _validate_llama3_rope_parameters(self, rope_parameters: dict, ignore_keys=None) -> None:
         """transformers' llama3 check warns on Scout's shipped scaling (low_freq_factor == high_freq_factor,

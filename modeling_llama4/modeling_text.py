@@ -214,7 +214,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 f"position_ids must be (batch or 1, {length}) for {length} input tokens, got {tuple(position_ids.shape)}"
             )
 
-        rotations = self.rotary_emb(position_ids)
+        rotations = self.rotary_emb(inputs_embeds, position_ids)
         all_hidden, all_router_logits, all_attentions = [], [], []
         if self._uses_layouts(attention_mask, cache):
             past = cache.get_seq_length() if cache is not None else 0

@@ -173,9 +173,10 @@ def test_a_meta_device_model_is_fully_initialised_by_init_weights():
 def test_rope_stays_exact_after_casting_the_model_to_bfloat16():
     model = our_model(tiny_config("scout", "sdpa"))
     positions = torch.tensor([[0, 1, 3000, 60000]])
-    before = model.model.rotary_emb(positions)
+    x = torch.zeros(1, 4, model.config.hidden_size)
+    before = model.model.rotary_emb(x, positions)
     model.to(torch.bfloat16)
-    assert torch.equal(model.model.rotary_emb(positions), before)
+    assert torch.equal(model.model.rotary_emb(x.bfloat16(), positions), before)
 
 
 def test_the_configured_attention_backend_is_used():
