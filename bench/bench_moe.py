@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers import Llama4ForCausalLM as TransformersLlama4ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from modeling_llama4.configuration_llama4 import MOE_IMPLEMENTATIONS  # noqa: E402
 from modeling_llama4.mlp import Llama4TextMLP  # noqa: E402
 from modeling_llama4.moe import Llama4TextMoe  # noqa: E402
 from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
@@ -211,6 +212,57 @@ def run(experts: int, args) -> list[dict]:
     return rows
 
 
+def compile_rows(experts: int, args) -> list[dict]:
+    """Batch-1 greedy decoding over transformers' StaticCache, eager against `torch.compile`d decode
+    steps (fullgraph, what `generate` does on an accelerator), per token; ours only. The compiled
+    step is warmed up first (a window-filling static cache compiles ~3 graphs)."""
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(our_config(experts, args.implementation)).eval()
+    prompt = torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    settings = dict(cache_implementation="static")
+    candidates = {
+        "eager, DynamicCache": dict(disable_compile=True, cache_implementation=None),
+        "eager, StaticCache": dict(settings, disable_compile=True),
+        "compiled, StaticCache": dict(settings, compile_config=compile_config),
+    }
+    clock = CLOCKS[args.clock]
+    with torch.inference_mode():
+        start = clock()
+        compiled = generate_with(model, prompt, args.new_tokens, **candidates["compiled, StaticCache"])
+        warmup = clock() - start
+        eager = generate_with(model, prompt, args.new_tokens, **candidates["eager, StaticCache"])
+        same = torch.equal(compiled, eager)
+        times = {name: [] for name in candidates}
+        for _ in range(args.repeats):
+            for name, kwargs in candidates.items():
+                times[name].append(timed(lambda: generate_with(model, prompt, args.new_tokens, **kwargs), clock))
+    rows = [
+        {"experts": experts, "decode": name, "ms_per_token": statistics.median(values) * 1e3 / args.new_tokens}
+        for name, values in times.items()
+    ]
+    rows[0]["note"] = f"compiled tokens identical to eager: {same}; compile warm-up {warmup:.1f} s"
+    return rows
+
+
+def generate_with(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    return model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, **kwargs,
+    )
+
+
+def compile_table(rows: list[dict]) -> str:
+    twin = {r["experts"]: r["ms_per_token"] for r in rows if r["decode"] == "eager, DynamicCache"}
+    lines = ["| experts | decode | ms/token (median) | vs eager DynamicCache |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['experts']} | {r['decode']} | {r['ms_per_token']:.2f} | {twin[r['experts']] / r['ms_per_token']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def layer_rows(experts: int, args) -> list[dict]:
     """One FFN layer alone, per MoE implementation, forward and forward+backward, against the twin's
     SwiGLU of width 2048: the evidence behind `moe_implementation="auto"`."""
@@ -221,7 +273,7 @@ def layer_rows(experts: int, args) -> list[dict]:
     x = torch.randn(args.batch, args.seq_len, HIDDEN)
     token = torch.randn(1, 1, HIDDEN)
     upstream = torch.randn_like(x)
-    implementations = ["loop", "grouped_mm", "padded"] + (["dense"] if experts <= 16 else [])
+    implementations = ["loop", "grouped_mm", "padded", "batched"] + (["dense"] if experts <= 16 else [])
     candidates = {"twin SwiGLU 2048": (lambda h: twin(h))}
     for implementation in implementations:
         candidates[f"moe {implementation}"] = (lambda h, i=implementation: _moe_with(moe, i, h))
@@ -287,7 +339,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--implementation", default="auto", choices=["auto", "loop", "grouped_mm", "padded", "dense"])
+    parser.add_argument("--implementation", default="auto", choices=list(MOE_IMPLEMENTATIONS))
     parser.add_argument("--also-grouped-mm", action="store_true", help="also time our model with grouped_mm")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -298,6 +350,10 @@ def main(argv=None) -> None:
         "--layer", action="store_true",
         help="time one FFN layer per MoE implementation (forward, forward+backward, one token) instead",
     )
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="time our decoding eager vs torch.compile'd steps over a StaticCache instead",
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="append the results table to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -306,6 +362,11 @@ def main(argv=None) -> None:
     if args.layer:
         body = layer_table([row for experts in args.experts for row in layer_rows(experts, args)], args)
         notes = [f"clock: {args.clock}; medians of {args.repeats} repeats"]
+    elif args.compile:
+        rows = [row for experts in args.experts for row in compile_rows(experts, args)]
+        body = compile_table(rows)
+        notes = [f"{r['experts']} experts: {r['note']}" for r in rows if "note" in r]
+        notes.append(f"clock: {args.clock}; medians of {args.repeats} repeats of {args.new_tokens} new tokens")
     else:
         rows = [row for experts in args.experts for row in run(experts, args)]
         body = table(rows, args)

@@ -16,8 +16,8 @@ from .presets import TEXT_PRESETS, VISION_PRESETS, composite_preset
 from .rope import check_rope_type
 
 MOE_BALANCING = ("none", "aux_loss_free")
-# How the routed experts are computed; "auto" picks the fastest that runs on the device (see moe.py).
-MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "padded", "dense")
+# How the routed experts are computed; "auto" picks the fastest that runs on the device (see experts.py).
+MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "padded", "batched", "dense")
 
 
 def _preset(table: dict, name: str) -> dict:

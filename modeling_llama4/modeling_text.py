@@ -18,7 +18,7 @@ token, exactly as transformers computes them.
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
@@ -52,6 +52,8 @@ class Llama4PreTrainedModel(SavesAsOwnClass, PreTrainedModel):
     _supports_sdpa = True
     # Chunked layers need a mask that flash-attention kernels cannot take.
     _supports_flash_attn = False
+    # A decode step over a StaticCache compiles with fullgraph=True (tests/test_compile.py).
+    _can_compile_fullgraph = True
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -70,6 +72,22 @@ class Llama4PreTrainedModel(SavesAsOwnClass, PreTrainedModel):
             init.zeros_(module.expert_bias)
 
 
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Ids outside the vocabulary, without a host sync on the hot path: in eager mode on the CPU the
+    values are read (free there) for an error that names them; on an accelerator, or while compiling,
+    a device-side assertion checks them without waiting for the device (a GPU reports it as a device
+    assert carrying the same message)."""
+    message = (
+        f"input_ids must lie in [0, vocab_size={vocab_size}). Is the tokenizer the one this model was built for?"
+    )
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{message} Got values in [{low}, {high}].")
+    else:
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
+
+
 def _check_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -77,12 +95,7 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
         if input_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(input_ids))
-            if low < 0 or high >= config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={config.vocab_size}); got values in [{low}, {high}]. "
-                    "Is the tokenizer the one this model was built for?"
-                )
+            _check_token_ids(input_ids, config.vocab_size)
     elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
         raise ValueError(
             f"inputs_embeds must be (batch, sequence, hidden_size={config.hidden_size}), got {tuple(inputs_embeds.shape)}"
@@ -291,6 +304,15 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def get_compiled_call(self, compile_config: CompileConfig | None):
+        """The compiled forward `generate` uses for decoding steps over a static cache. transformers
+        never compiles a model type containing "llama4"; this decoder's step compiles (fullgraph too)."""
+        compile_config = compile_config or CompileConfig()
+        if getattr(self, "_compiled_with", None) != compile_config:
+            self._compiled_with = compile_config
+            self._compiled_call = torch.compile(self.__call__, **compile_config.to_dict())
+        return self._compiled_call
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value

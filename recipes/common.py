@@ -28,6 +28,7 @@ from modeling_llama4 import (
     Llama4ForSequenceClassification,
     Llama4TextConfig,
 )
+from modeling_llama4.load_balancing import ExpertBiasCallback
 from eval.tasks.gsm8k import CHAT_INSTRUCTION
 from tokenizer import load_tokenizer
 
@@ -266,6 +267,8 @@ def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None =
         raise ValueError("save_merged merges in the training process, which needs the whole model on one rank; "
                          "under FSDP/DeepSpeed save the adapters, then merge them offline with PEFT's "
                          "merge_and_unload on the base model")
+    # MoE load balancing (aux-loss-free expert bias) steps with the optimizer, outside the forward.
+    trainer.add_callback(ExpertBiasCallback())
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if trainer.is_fsdp_enabled:
         # Checkpoints may stay sharded (fast to write, resumable); the final folder is a normal one.

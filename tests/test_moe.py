@@ -1,5 +1,6 @@
-"""The sparse mixture-of-experts block: routing semantics, sparse dispatch == dense formula (values and
-gradients), parity with transformers' Llama4TextMoe, aux-loss-free balancing and load statistics."""
+"""The sparse mixture-of-experts block: routing semantics, every kernel == the dense formula (values and
+gradients), parity with transformers' Llama4TextMoe, the kernel choice, aux-loss-free balancing at the
+optimizer step and load statistics."""
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as 
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe as HFTextMoe
 
 from modeling_llama4.configuration_llama4 import Llama4TextConfig
-from modeling_llama4.moe import Llama4TextMoe, _LoopGroupedMatmul, expert_load_metrics
+from modeling_llama4.experts import _LoopGroupedMatmul, count_tokens, select_kernel
+from modeling_llama4.moe import Llama4TextMoe, expert_load_metrics, route, update_expert_bias
 
-IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "padded", "dense"]
+IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "padded", "batched", "dense"]
 
 
 def make_config(**overrides) -> Llama4TextConfig:
@@ -70,7 +72,8 @@ def test_sparse_dispatch_matches_dense_formula_values_and_gradients(implementati
     out, logits, grad_x, grads = values_and_grads(lambda m, h: m(h), moe, x, upstream)
     ref_out, ref_logits, ref_grad_x, ref_grads = values_and_grads(dense_reference, moe, x, upstream)
     if shape[0] * shape[1] * top_k < moe.num_experts:
-        assert (moe.last_expert_load == 0).any(), "the shape was meant to leave some experts without tokens"
+        load = count_tokens(route(ref_logits.reshape(-1, moe.num_experts), top_k)[1], moe.num_experts)
+        assert (load == 0).any(), "the shape was meant to leave some experts without tokens"
     torch.testing.assert_close(logits, ref_logits.reshape(logits.shape), rtol=0, atol=1e-6)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-5, atol=1e-5)
@@ -108,22 +111,25 @@ def test_float64_and_unaligned_shapes_fall_back_to_the_loop(implementation):
             torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
 
 
-def test_auto_pads_only_balanced_routing_on_multithreaded_cpu():
+def test_auto_picks_one_kernel_by_device_threads_and_routing():
     moe = make_moe()
-    x = torch.randn(1, 64, moe.hidden_dim)
-    balanced = torch.full((8,), 8)
-    collapsed = torch.tensor([57, 1, 1, 1, 1, 1, 1, 1])
-    assert moe._padded_or_grouped(x, balanced) == "padded"
-    assert moe._padded_or_grouped(x, collapsed) == "grouped_mm"
+    x = torch.randn(64, moe.hidden_dim)
+    weight = moe.experts.gate_up_proj
+    balanced = torch.arange(64).remainder(8)[:, None]
+    collapsed = torch.zeros(64, 1, dtype=torch.long)
     threads = torch.get_num_threads()
     try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            assert moe._implementation(x.reshape(64, -1), 64) == ("grouped_mm" if count == 1 else "auto")
-            with torch.no_grad():
-                torch.testing.assert_close(moe(x)[0], dense_reference(moe, x)[0], rtol=1e-5, atol=1e-5)
+        torch.set_num_threads(2)
+        assert select_kernel("auto", x, balanced, weight) == "padded"
+        assert select_kernel("auto", x, collapsed, weight) == "loop", "padding would multiply the work by 8"
+        assert select_kernel("auto", x[:1], balanced[:1], weight) == "loop", "one decoded token"
+        torch.set_num_threads(1)
+        assert select_kernel("auto", x, balanced, weight) == "loop"
+        assert select_kernel("auto", x.double(), balanced, weight.double()) == "loop"
     finally:
         torch.set_num_threads(threads)
+    for name in ("grouped_mm", "loop", "padded", "batched", "dense"):
+        assert select_kernel(name, x, balanced, weight) == name
 
 
 def test_frozen_experts_still_give_input_gradients_on_the_decode_path():
@@ -227,12 +233,21 @@ def max_over_mean(load: torch.Tensor) -> float:
     return (load.max() / load.mean()).item()
 
 
-def test_aux_loss_free_bias_reduces_load_imbalance():
-    moe = make_moe(moe_load_balancing="aux_loss_free", moe_bias_update_rate=0.05).train()
+def train_forwards(moe: Llama4TextMoe, stream) -> list[torch.Tensor]:
+    """A training forward and backward per batch, each followed by `update_expert_bias` (what the
+    optimizer-step callback does); returns the load each update saw."""
     loads = []
-    for x in skewed_stream(moe, steps=200):
-        moe(x)
-        loads.append(moe.last_expert_load)
+    moe.train()
+    for x in stream:
+        moe(x)[0].sum().backward()
+        loads.append(moe.tokens_per_expert.clone())
+        update_expert_bias(moe)
+    return loads
+
+
+def test_aux_loss_free_bias_reduces_load_imbalance():
+    moe = make_moe(moe_load_balancing="aux_loss_free", moe_bias_update_rate=0.05)
+    loads = train_forwards(moe, skewed_stream(moe, steps=200))
     before, after = max_over_mean(sum(loads[:20])), max_over_mean(sum(loads[-20:]))
     assert before > 7.0, "the synthetic stream should start collapsed on one expert"
     assert after < 1.3
@@ -245,18 +260,40 @@ def test_aux_loss_free_bias_reduces_load_imbalance():
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
 
 
-def test_bias_updates_once_per_training_forward_only():
+def test_the_forward_only_counts_and_the_bias_moves_once_per_optimizer_step():
     moe = make_moe(moe_load_balancing="aux_loss_free", moe_bias_update_rate=0.01)
-    x = next(skewed_stream(moe, steps=1))
+    stream = list(skewed_stream(moe, steps=3, tokens=16))
     with torch.no_grad():
-        moe.train()(x)
-    moe.eval()(x)
-    assert torch.count_nonzero(moe.expert_bias) == 0, "no update in eval mode or without gradients"
+        moe.train()(stream[0])
+    moe.eval()(stream[0])
+    assert moe.tokens_per_expert is None, "no counting in eval mode or without gradients"
+    loads = [count_tokens(route(moe.router(x.reshape(-1, moe.hidden_dim)), 1)[1], 8) for x in stream]
     moe.train()
-    checkpoint(lambda h: moe(h)[0], x.requires_grad_(True), use_reentrant=False).sum().backward()
-    load = moe.last_expert_load.float()
-    expected = 0.01 * torch.sign(load.mean() - load)
-    torch.testing.assert_close(moe.expert_bias, expected), "checkpoint recomputation must not update again"
+    for x in stream:  # 3 micro-batches of one optimizer step
+        moe(x)[0].sum().backward()
+    assert torch.count_nonzero(moe.expert_bias) == 0, "the forward must not touch the bias"
+    assert torch.equal(moe.tokens_per_expert, sum(loads))
+    update_expert_bias(moe)
+    load = sum(loads).float()
+    torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    assert torch.count_nonzero(moe.tokens_per_expert) == 0, "counts start again after the step"
+    update_expert_bias(moe)
+    torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load)), "nothing counted, no move"
+
+
+def test_gradient_checkpointing_recomputation_gives_the_same_update():
+    plain = make_moe(moe_load_balancing="aux_loss_free", moe_bias_update_rate=0.01).train()
+    checkpointed = make_moe(moe_load_balancing="aux_loss_free", moe_bias_update_rate=0.01).train()
+    x = next(skewed_stream(plain, steps=1))
+    next(skewed_stream(checkpointed, steps=1))
+    plain(x)[0].sum().backward()
+    checkpoint(lambda h: checkpointed(h)[0], x.clone().requires_grad_(True), use_reentrant=False).sum().backward()
+    assert torch.equal(checkpointed.tokens_per_expert, 2 * plain.tokens_per_expert), "recomputation counts again"
+    assert expert_load_metrics(checkpointed) == expert_load_metrics(plain)
+    update_expert_bias(plain)
+    update_expert_bias(checkpointed)
+    assert torch.count_nonzero(plain.expert_bias) > 0
+    torch.testing.assert_close(checkpointed.expert_bias, plain.expert_bias, rtol=0, atol=0)
 
 
 def test_load_statistics_count_every_assignment():
@@ -264,13 +301,16 @@ def test_load_statistics_count_every_assignment():
     model = torch.nn.ModuleDict({"layer0": moe, "layer1": make_moe(seed=1)})
     assert expert_load_metrics(model) == {}
     moe(torch.randn(3, 5, moe.hidden_dim))
-    load = moe.last_expert_load
-    assert load.shape == (8,) and load.sum().item() == 3 * 5 * 2
+    load = moe.tokens_per_expert
+    assert load.shape == (8,) and load.dtype == torch.int64 and load.sum().item() == 3 * 5 * 2
     metrics = expert_load_metrics(model)
     assert set(metrics) == {"layer0/max_over_mean", "layer0/cv", "layer0/unused_fraction"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["layer0/max_over_mean"] == pytest.approx(load.max().item() / load.float().mean().item())
+    assert metrics["layer0/cv"] == pytest.approx((load.float().std(unbiased=False) / load.float().mean()).item())
     assert metrics["layer0/unused_fraction"] == pytest.approx((load == 0).float().mean().item())
+    update_expert_bias(model)
+    assert expert_load_metrics(model) == {}, "a layer that counted nothing since the step is left out"
 
 
 def test_router_jitter_only_in_training():
