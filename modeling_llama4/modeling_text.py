@@ -27,9 +27,13 @@ from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .attention import Llama4TextAttention
 from .chunked_attention import build_layouts
 from .configuration_llama4 import Llama4TextConfig
 from .decoder_layer import Llama4TextDecoderLayer
@@ -52,6 +56,14 @@ class Llama4PreTrainedModel(SavesAsOwnClass, PreTrainedModel):
     _supports_sdpa = True
     # Chunked layers need a mask that flash-attention kernels cannot take.
     _supports_flash_attn = False
+    # What `output_hidden_states` / `output_attentions` / `output_router_logits` return, captured by transformers'
+    # hooks (`capture_outputs` on the backbone): each layer's input and the final normed state, the eager attention
+    # weights, the router logits (tokens, experts) of the MoE layers.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(Llama4TextDecoderLayer, index=0),
+        "attentions": OutputRecorder(Llama4TextAttention, index=1),
+        "router_logits": OutputRecorder(Llama4TextDecoderLayer, index=1),
+    }
     # A decode step over a StaticCache compiles with fullgraph=True (tests/test_compile.py).
     _can_compile_fullgraph = True
 
@@ -189,6 +201,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -200,7 +213,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         output_router_logits: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -330,8 +343,10 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
+        """`output_hidden_states` / `output_attentions` (and transformers' other kwargs) pass through `kwargs` to
+        the backbone, which captures them as `_can_record_outputs` says; the output carries them."""
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         use_z_loss = labels is not None and self.config.router_z_loss_coef > 0
         outputs = self.model(
@@ -417,7 +432,7 @@ class Llama4ForSequenceClassification(Llama4PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,

@@ -79,3 +79,40 @@ def test_unusable_rope_parameters_raise_clear_errors(fields, message):
 
     with pytest.raises(ValueError, match=message):
         Llama4TextConfig.from_preset("tiny", rope_parameters=fields)
+
+
+def test_outputs_are_captured_as_transformers_captures_them():
+    from transformers.utils.output_capturing import OutputRecorder
+
+    from modeling_llama4 import Llama4ForCausalLM
+
+    assert set(Llama4ForCausalLM._can_record_outputs) == {"hidden_states", "attentions", "router_logits"}
+    assert all(isinstance(spec, OutputRecorder) for spec in Llama4ForCausalLM._can_record_outputs.values())
+    model = our_model(tiny_config("scout", "eager"))
+    reference = reference_twin(model)
+    flags = dict(output_attentions=True, output_hidden_states=True, output_router_logits=True)
+    with torch.no_grad():
+        ours, theirs = model(IDS, **flags), reference(IDS, **flags)
+    layers = model.config.num_hidden_layers
+    assert len(ours.hidden_states) == layers + 1 and len(ours.attentions) == layers
+    assert len(ours.router_logits) == layers  # scout: every layer MoE
+    assert ours.attentions[0].shape == (2, 4, 40, 40)
+    for name in ("hidden_states", "attentions", "router_logits"):
+        assert len(getattr(ours, name)) == len(getattr(theirs, name))
+        for mine, reference_value in zip(getattr(ours, name), getattr(theirs, name)):
+            assert (mine - reference_value).abs().max() <= 1e-5, name
+    # The last hidden state is the normed one the LM head reads.
+    assert torch.equal(ours.hidden_states[-1], model.model(IDS).last_hidden_state)
+
+
+def test_hidden_states_selected_by_index_and_config_defaults():
+    model = our_model(tiny_config("maverick", "eager"))
+    with torch.no_grad():
+        everything = model(IDS, output_hidden_states=True).hidden_states
+        selected = model(IDS, output_hidden_states=[0, -1]).hidden_states
+        model.config.output_attentions = True  # the config default applies when the kwarg is absent
+        by_config = model(IDS)
+    assert [h is None for h in selected] == [False, True, True, True, False]
+    assert torch.equal(selected[0], everything[0]) and torch.equal(selected[-1], everything[-1])
+    assert len(by_config.attentions) == model.config.num_hidden_layers and by_config.hidden_states is None
+    assert model(IDS, return_dict=False)[0].shape == (2, 40, 256)

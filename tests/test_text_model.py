@@ -185,9 +185,9 @@ def test_the_configured_attention_backend_is_used():
     for attn in ("eager", "sdpa"):
         model = our_model(tiny_config("dense", attn))
         with torch.no_grad():
-            weights[attn] = model.model(ids, output_attentions=True).attentions[0]
-    assert weights["eager"].shape == (1, 4, 9, 9)
-    assert weights["sdpa"] is None  # the sdpa kernel does not expose its weights
+            weights[attn] = model.model(ids, output_attentions=True).attentions
+    assert weights["eager"][0].shape == (1, 4, 9, 9)
+    assert weights["sdpa"] == ()  # the sdpa kernel does not expose its weights (transformers' models give () too)
 
 
 def test_a_bfloat16_model_runs_and_stays_close_to_fp32():
