@@ -36,7 +36,7 @@ class HeldOutEvalArguments:
     heldout_max_new_tokens: int = field(default=96, metadata={"help": "Longest generation in those evaluations."})
 
 
-def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand: int, steps=(3, 4),
+def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand: int, steps=(4, 4),
                   seed: int = 1) -> Path:
     """`num_problems` problems of the held-out ("test") split as `gsm8k/test.jsonl` under `data_dir`. The
     callback draws them with seed 1; the demo's stage scores use seed 0, so monitoring is a separate draw."""

@@ -71,7 +71,7 @@ class RecipeArguments:
     problem_families: list[str] = field(default_factory=lambda: ["add", "sub", "add_sub"], metadata={
         "help": f"Synthetic problem families, from {sorted(FAMILIES)}."})
     max_operand: int = field(default=20, metadata={"help": "Largest number in a synthetic question."})
-    problem_steps: list[int] = field(default_factory=lambda: [3, 4], metadata={
+    problem_steps: list[int] = field(default_factory=lambda: [4, 4], metadata={
         "help": "Fewest and most operations of a synthetic 'chain' problem."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data generator."})
     prompt_style: str = field(default="gsm8k_chat", metadata={

@@ -1,15 +1,26 @@
-"""`make demo`: train chain-of-thought arithmetic into the tiny multimodal MoE on CPU, and prove it.
+"""`make demo`: train chain-of-thought reasoning into the tiny multimodal MoE on CPU, and show what each stage buys.
 
-    python -m recipes.demo [--output_dir runs/demo] [--sft_steps N] [--rl_steps N] [--rl_method dpo|grpo]
+    python -m recipes.demo [--output_dir runs/demo] [--seed S] [--rl_method grpo|dpo|rlhf] [--sft_steps N] ...
 
-1. Build the tiny `Llama4ForConditionalGeneration` (vision tower included, freshly initialised) with
-   the shipped tokenizer, and write held-out synthetic problems in GSM8K layout.
-2. Score it with the eval harness's `gsm8k_chat` task (greedy, its own generations).
-3. SFT on worked chains (`recipes/sft.py` with `configs/tiny/sft.yaml`), score again.
-4. DPO on the SFT model's own samples of training problems, each failed one (rejected) against a verified
-   one or the gold chain (chosen), with an SFT term on the chosen; or GRPO with answer and format rewards.
-   Score again.
-5. Print the stage table and save `results.json` and `demo.png` (accuracy per stage, training curves).
+The task: multi-step word problems (`chain` family: a start amount, 3-4 changes in order with +, -, x,
+and a distractor fact about someone else). Stages, each scored by the eval harness (`gsm8k_chat`, the
+model's own greedy generations through the chat template) on held-out problems no training split contains:
+
+1. `init`: the freshly initialised model.
+2. `sft_direct`: SFT on the same problems, steps and settings as `sft_cot`, with the chain left out
+   (answer only): what the model learns without writing its reasoning down.
+3. `sft_cot`: SFT on worked chains. Its pass@8 (8 samples per held-out problem) against its greedy
+   accuracy is the room RL has.
+4. The RL stage, from `sft_cot`:
+   * `grpo` (default): GRPO with the verified answer as reward (`configs/tiny/grpo.yaml`);
+   * `dpo`: on-policy iterative DPO, a few rounds of: sample the current policy on training problems,
+     verify, pair a failed sample with a verified one, train;
+   * `rlhf`: a reward model (`recipes/reward.py`) trained on verified vs corrupted chains and the policy's
+     own failures, then GRPO against that learned reward alone; its score is logged next to the true
+     accuracy (`rm_true_accuracy`), which is never rewarded.
+   During SFT and GRPO a held-out slice is scored every N steps (`recipes/callbacks.py`): the curves in
+   `demo.png` show where each stage stopped improving.
+5. `results.json` (`{"stages": [{"stage", "strict", "flexible", ...}]}`), the table, and `demo.png`.
 """
 
 from __future__ import annotations
@@ -23,58 +34,52 @@ from pathlib import Path
 
 import torch
 
-import eval as harness
 from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
-from recipes import dpo, grpo, sft
-from recipes.data.arithmetic import generate_problems
+from recipes import grpo, online_dpo, reward, sft
+from recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
 from tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
-# On-policy pairs target the errors the SFT model actually makes (sampled at 0.7, close to its greedy
-# errors); corrupted gold chains (dpo.yaml's default) are errors it does not make, and training on them
-# lowered held-out accuracy, as did any learning rate above 2e-5.
-DPO_ON_POLICY = ["--on_policy_samples", "4", "--on_policy_temperature", "0.7", "--num_train_examples", "256",
-                 "--learning_rate", "1e-5", "--max_steps", "20"]
-TASK = "gsm8k_chat"
+RL_METHODS = ("grpo", "dpo", "rlhf")
+# On-policy DPO rounds: full fine-tune (the reference is the round's starting model), pairs from 4 samples
+# per training problem at temperature 1.0, an SFT term on the chosen chain (dpo.yaml's loss_type).
+DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy_temperature", "1.0"]
 
 
-def write_eval_data(data_dir: Path, num_problems: int, families: list[str], max_operand: int) -> None:
-    """Held-out problems (never in any training split) as `gsm8k/test.jsonl` for the harness."""
-    problems = generate_problems(num_problems, seed=0, split="test", families=tuple(families), max_operand=max_operand)
-    (data_dir / "gsm8k").mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "gsm8k" / "test.jsonl", "w") as f:
-        for problem in problems:
-            f.write(json.dumps(problem.gsm8k_row()) + "\n")
-
-
-def score(model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    tokenizer = load_tokenizer(model_dir)
-    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results = harness.evaluate(model, tokenizer, tasks=[TASK], data_dir=data_dir, num_fewshot=0, batch_size=64,
-                               max_new_tokens=64, output_dir=out_dir, progress=False)
-    return results[TASK]
+def load_policy(model_dir: Path):
+    return Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(), load_tokenizer(model_dir)
 
 
 def log_history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
 
 
-def plot(stages: list[dict], curves: dict[str, tuple[str, list[dict]]], path: Path) -> None:
+def plot(stages: list[dict], curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
+    panels = [(name, history) for name, history in curves.items() if history]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4), squeeze=False)
+    axes = axes[0]
     names = [s["stage"] for s in stages]
-    axes[0].bar(names, [100 * s["strict"] for s in stages], color="tab:blue", label="strict")
-    axes[0].plot(names, [100 * s["flexible"] for s in stages], "o--", color="tab:orange", label="flexible")
-    axes[0].set(ylabel=f"{TASK} accuracy (%)", title="held-out synthetic problems", ylim=(0, 100))
-    axes[0].legend()
-    for ax, (stage, (key, history)) in zip(axes[1:], curves.items()):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot(*zip(*points), marker=".")
-        ax.set(xlabel="step", ylabel=key, title=f"{stage} training")
+    axes[0].bar(names, [100 * s["strict"] for s in stages], color="tab:blue", label="greedy strict")
+    axes[0].plot(names, [100 * s["flexible"] for s in stages], "o--", color="tab:orange", label="greedy flexible")
+    passk = [(s["stage"], 100 * s["pass@8"]) for s in stages if "pass@8" in s]
+    if passk:
+        axes[0].plot(*zip(*passk), "k^", label="pass@8 (sampled)")
+    axes[0].set(ylabel=f"{TASK} accuracy (%)", title="held-out problems", ylim=(0, 100))
+    axes[0].tick_params(axis="x", rotation=20)
+    axes[0].legend(fontsize=8)
+    for ax, (name, history) in zip(axes[1:], panels):
+        for key, style in (("heldout_strict", "o-"), ("reward", ".-"), ("rm_true_accuracy", "x-"),
+                           ("rewards/learned_reward/mean", "s-")):
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), style, label=key, markersize=4)
+        ax.set(xlabel="step", title=f"{name}: held-out accuracy during training")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -92,66 +97,132 @@ def build_initial_model(out: Path, seed: int) -> Path:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every stage and the data seed offset")
+    parser.add_argument("--rl_method", choices=RL_METHODS, default="grpo")
     parser.add_argument("--sft_steps", type=int, default=None, help="default: configs/tiny/sft.yaml's max_steps")
-    parser.add_argument("--rl_steps", type=int, default=None, help="default: the RL config's max_steps")
-    parser.add_argument("--rl_method", choices=("dpo", "grpo"), default="dpo")
-    parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--families", nargs="+", default=["add", "sub", "add_sub"], help="synthetic problem families")
-    parser.add_argument("--max_operand", type=int, default=9, help="largest number in a question")
+    parser.add_argument("--rl_steps", type=int, default=None,
+                        help="GRPO steps (grpo, rlhf) or DPO steps per round (dpo); default: the config's max_steps")
+    parser.add_argument("--dpo_rounds", type=int, default=3, help="on-policy DPO rounds (--rl_method dpo)")
+    parser.add_argument("--num_eval", type=int, default=200, help="held-out problems scored at each stage")
+    parser.add_argument("--num_passk", type=int, default=100, help="held-out problems sampled 8 times for pass@8")
+    parser.add_argument("--sft_curve_every", type=int, default=100,
+                        help="score a held-out slice every this many SFT steps while training (0: off)")
+    parser.add_argument("--rl_curve_every", type=int, default=10,
+                        help="score a held-out slice every this many GRPO steps while training (0: off)")
+    parser.add_argument("--curve_problems", type=int, default=100, help="held-out problems in each of those scores")
+    parser.add_argument("--sft_from", default=None,
+                        help="reuse init, sft_direct and sft_cot of an earlier demo output dir (same --seed) and "
+                             "train only the RL stage")
     parser.add_argument("--sft_args", type=shlex.split, default=[],
                         help='extra sft.py arguments in one string, e.g. --sft_args="--learning_rate 3e-3"')
     parser.add_argument("--rl_args", type=shlex.split, default=[], help="extra arguments of the RL script, likewise")
+    parser.add_argument("--reward_args", type=shlex.split, default=[], help="extra reward.py arguments (rlhf)")
     args = parser.parse_args(argv)
+    if args.dpo_rounds < 1:
+        parser.error(f"--dpo_rounds must be >= 1, got {args.dpo_rounds}")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    families, max_operand = args.families, args.max_operand
-    data_dir = out / "data"
-    write_eval_data(data_dir, args.num_eval, families, max_operand)
+    import yaml
+
+    sft_config = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
+    task = {key: sft_config[key] for key in ("problem_families", "max_operand", "problem_steps")}
+    data_dir = write_heldout(out / "data", args.num_eval, task["problem_families"], task["max_operand"],
+                             task["problem_steps"], seed=0)
+    passk_dir = write_heldout(out / "data_passk", args.num_passk, task["problem_families"], task["max_operand"],
+                              task["problem_steps"], seed=0)
 
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
-              "--disable_tqdm", "true", "--problem_families", *families, "--max_operand", str(max_operand)]
+              "--disable_tqdm", "true"]
+    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_problems", str(args.curve_problems)]
+    rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), "--heldout_problems", str(args.curve_problems)]
     stages, curves = [], {}
     start = time.time()
 
-    def record(stage: str, model_dir: Path, seconds: float) -> None:
+    def record(stage: str, model_dir: Path, seconds: float, passk: bool = False, **extra) -> None:
         # Every run trains its models anew, so samples an earlier run scored belong to other weights.
         shutil.rmtree(out / "eval" / stage, ignore_errors=True)
-        result = score(model_dir, data_dir, out / "eval" / stage)
-        stages.append({"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
-                       "n": result["n"], "train_seconds": round(seconds, 1)})
-        print(f"[demo] {stage}: strict {result['exact_match_strict']:.1%}, flexible {result['exact_match_flexible']:.1%} "
-              f"({time.time() - start:.0f}s elapsed)", flush=True)
+        model, tokenizer = load_policy(model_dir)
+        result = score_heldout(model, tokenizer, data_dir, output_dir=out / "eval" / stage)
+        entry = {"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
+                 "n": result["n"], "train_seconds": round(seconds, 1), **extra}
+        if passk:
+            sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, seed=args.seed)
+            entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
+        stages.append(entry)
+        print(f"[demo] {stage}: strict {entry['strict']:.1%}, flexible {entry['flexible']:.1%}"
+              + (f", pass@8 {entry['pass@8']:.1%}" if passk else "") + f" ({time.time() - start:.0f}s elapsed)",
+              flush=True)
         # Written after every stage, so an interrupted demo keeps what it measured.
-        (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": time.time() - start}, indent=2))
+        (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": round(time.time() - start, 1),
+                                                      "seed": args.seed, "rl_method": args.rl_method}, indent=2))
 
-    init_dir = build_initial_model(out, args.seed)
-    record("init", init_dir, 0.0)
+    if args.sft_from:
+        # Another demo run's init and SFT stages (same seed): only the RL stage is trained here.
+        source = Path(args.sft_from)
+        previous = json.loads((source / "results.json").read_text())
+        if previous.get("seed") != args.seed:
+            raise ValueError(f"--sft_from {source} was run with seed {previous.get('seed')}, not {args.seed}")
+        for stage in ("init", "sft_direct", "sft_cot"):
+            stages.append(next(s for s in previous["stages"] if s["stage"] == stage))
+            if stage != "init":
+                curves[stage] = log_history(source / stage)
+        sft_dir = source / "sft_cot"
+    else:
+        init_dir = build_initial_model(out, args.seed)
+        record("init", init_dir, 0.0)
+        sft_steps = ["--max_steps", str(args.sft_steps)] if args.sft_steps else []
+        for stage, cot in (("sft_direct", "false"), ("sft_cot", "true")):
+            run_dir = out / stage
+            t = time.time()
+            sft.main(["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir",
+                      str(run_dir), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *args.sft_args])
+            record(stage, run_dir, time.time() - t, passk=stage == "sft_cot")
+            curves[stage] = log_history(run_dir)
+        sft_dir = out / "sft_cot"
 
-    sft_dir = out / "sft"
-    t = time.time()
-    sft.main(["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir", str(sft_dir),
-              *common, *(["--max_steps", str(args.sft_steps)] if args.sft_steps else []), *args.sft_args])
-    record("sft", sft_dir, time.time() - t)
-    curves["sft"] = ("loss", log_history(sft_dir))
-
-    rl_dir = out / args.rl_method
-    rl_steps = (["--max_steps", str(args.rl_steps)] if args.rl_steps else []) + args.rl_args
+    rl_steps = ["--max_steps", str(args.rl_steps)] if args.rl_steps else []
     t = time.time()
     if args.rl_method == "grpo":
+        rl_dir = out / "grpo"
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                   str(rl_dir), *common, *rl_steps])
-        curves["grpo"] = ("reward", log_history(rl_dir))
-    else:
-        dpo.main(["--config", str(CONFIGS / "dpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                  str(rl_dir), "--use_peft", "false", *common, *DPO_ON_POLICY, *rl_steps])
-        curves["dpo"] = ("loss", log_history(rl_dir))
-    record(args.rl_method, rl_dir, time.time() - t)
+                   str(rl_dir), *common, *rl_curve, *rl_steps, *args.rl_args])
+        curves["grpo"] = log_history(rl_dir)
+        record("grpo", rl_dir, time.time() - t, passk=True)
+    elif args.rl_method == "dpo":
+        history = []
 
-    print(f"\n| stage | {TASK} strict | flexible | train s |\n|---|---|---|---|")
+        def after_round(r: int, round_dir: Path) -> None:
+            model, tokenizer = load_policy(round_dir)
+            score = score_heldout(model, tokenizer, passk_dir)
+            history.append({"step": r, "heldout_strict": score["exact_match_strict"]})
+            print(f"[demo] dpo round {r}: held-out slice strict {score['exact_match_strict']:.1%}", flush=True)
+
+        final = online_dpo.run_rounds(args.dpo_rounds, [
+            "--config", str(CONFIGS / "dpo.yaml"), "--model_name_or_path", str(sft_dir), *common, *DPO_ON_POLICY,
+            *rl_steps, *args.rl_args], out / "dpo_rounds", first_seed=100 + 10 * args.seed, on_round_end=after_round)
+        curves["dpo (x = round)"] = history
+        shutil.rmtree(out / "dpo", ignore_errors=True)
+        shutil.copytree(final, out / "dpo")
+        record("dpo", out / "dpo", time.time() - t, passk=True, rounds=args.dpo_rounds)
+    else:
+        rm_dir = out / "reward_model"
+        # The reward model starts from sft_cot's text backbone and learns from corrupted chains and sft_cot's own
+        # failed samples (vs its verified ones).
+        reward.main(["--config", str(CONFIGS / "reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+                     str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
+                     "--policy_name_or_path", str(sft_dir), "--on_policy_samples", "4", *args.reward_args])
+        rl_dir = out / "rlhf"
+        grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+                   str(rl_dir), *common, *rl_curve, "--rewards", "reward_model", "--reward_weights", "1.0",
+                   "--reward_model_path", str(rm_dir), *rl_steps, *args.rl_args])
+        curves["rlhf"] = log_history(rl_dir)
+        record("rlhf", rl_dir, time.time() - t, passk=True)
+
+    print(f"\n| stage | {TASK} strict | flexible | pass@8 | train s |\n|---|---|---|---|---|")
     for s in stages:
-        print(f"| {s['stage']} | {s['strict']:.1%} | {s['flexible']:.1%} | {s['train_seconds']} |")
+        passk = f"{s['pass@8']:.1%}" if "pass@8" in s else ""
+        print(f"| {s['stage']} | {s['strict']:.1%} | {s['flexible']:.1%} | {passk} | {s['train_seconds']} |")
     print(f"total {time.time() - start:.0f}s; {args.num_eval} held-out problems; outputs in {out}")
     plot(stages, curves, out / "demo.png")
     return stages

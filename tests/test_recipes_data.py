@@ -114,22 +114,18 @@ def test_shape_images_show_exactly_the_counted_shapes():
 
 
 def _story_value(question: str) -> int:
-    """Replay a chain question's story sentence by sentence, skipping the other person's fact."""
-    name = question.split()[0]
-    value = None
-    for sentence in question.split(". "):
-        if m := re.fullmatch(rf"{name} has (\d+) \w+\.?", sentence):
-            value = int(m[1])
-        elif m := re.fullmatch(rf"{name} gets (\d+) more\.?", sentence):
-            value += int(m[1])
-        elif m := re.fullmatch(rf"{name} gives away (\d+)\.?", sentence):
-            value -= int(m[1])
-        elif m := re.fullmatch(rf"{name} makes the pile (\d+) times as big\.?", sentence):
-            value *= int(m[1])
+    """Replay a chain question's story: the first friend's start, then each change in order."""
+    value = int(re.search(r"The first has (\d+)", question)[1])
+    for change in re.search(r"The first then (.*)\. How many", question)[1].split(", "):
+        number = int(re.search(r"\d+", change)[0])
+        value = {"gets": value + number, "gives": value - number, "times": value * number}[change.split()[0]]
     return value
 
 
 def test_chain_problems_have_the_asked_steps_a_distractor_and_answers_that_replay_from_the_story():
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
     for steps in ((3, 3), (3, 5)):
         problems = generate_problems(300, seed=4, families=("chain",), max_operand=40, steps=steps)
         counts = {len(re.findall(r" = ", p.reasoning)) for p in problems}
@@ -137,8 +133,12 @@ def test_chain_problems_have_the_asked_steps_a_distractor_and_answers_that_repla
         for p in problems:
             assert _story_value(p.question) == p.answer == _evaluate_chain(p.reasoning)
             assert all(int(n) <= 40 for n in re.findall(r"\d+", p.question + p.reasoning))
-            others = [s for s in p.question.split(". ") if not s.startswith((p.question.split()[0], "How many"))]
-            assert len(others) == 1 and " has " in others[0]  # the distractor: someone else's count
+            assert re.search(r"the second has \d+\.", p.question)  # the distractor: the other friend's count
+        # One token layout per number of steps.
+        lengths = {}
+        for p in problems:
+            lengths.setdefault(p.reasoning.count(" = "), set()).add(len(tokenizer.encode(p.question, add_special_tokens=False)))
+        assert all(len(v) == 1 for v in lengths.values()), lengths
     ops = {op for p in generate_problems(300, seed=4, families=("chain",)) for op in re.findall(r" ([-+*]) ", p.reasoning)}
     assert ops == {"+", "-", "*"}
     with pytest.raises(ValueError, match="steps"):

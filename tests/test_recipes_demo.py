@@ -3,17 +3,38 @@ held-out problems that no training split contains, and the table, results and pl
 
 import json
 
+import pytest
+
 from recipes import demo
 from recipes.data.arithmetic import generate_problems
 
+QUICK = ["--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8", "--num_passk", "4", "--sft_curve_every", "2",
+         "--rl_curve_every", "1", "--curve_problems", "4",
+         "--sft_args=--num_train_examples 16 --per_device_train_batch_size 4"]
+RL_QUICK = "--num_train_examples 16 --per_device_train_batch_size 8 --max_completion_length 16"
 
-def test_demo_pipeline_scores_each_stage_on_held_out_problems(tmp_path):
-    stages = demo.main(["--output_dir", str(tmp_path), "--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8",
-                        "--sft_args=--num_train_examples 16", "--rl_args=--num_train_examples 16"])
-    assert [s["stage"] for s in stages] == ["init", "sft", "dpo"]
-    assert all(s["n"] == 8 and 0 <= s["strict"] <= 1 for s in stages)
+
+def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(tmp_path):
+    stages = demo.main(["--output_dir", str(tmp_path), *QUICK, f"--rl_args={RL_QUICK}"])
+    assert [s["stage"] for s in stages] == ["init", "sft_direct", "sft_cot", "grpo"]
+    assert all(s["n"] == 8 and 0 <= s["strict"] <= s["flexible"] + 1e-9 <= 1 for s in stages)
+    for s in stages[2:]:
+        assert 0 <= s["pass@1_sampled"] <= s["pass@8"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages
     assert (tmp_path / "demo.png").stat().st_size > 0
+    # The held-out curve during SFT: before training, every 2 steps and after the last step.
+    history = json.loads((tmp_path / "sft_cot" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "heldout_strict" in h] == [0, 2, 3]
+    grpo_history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in grpo_history if "heldout_strict" in h] == [0, 1]
+    # The direct baseline was trained on answers alone, the chain model on worked chains.
+    samples = [json.loads(line) for line in open(tmp_path / "eval" / "sft_direct" / "samples_gsm8k_chat.jsonl")]
+    assert len(samples) == 8
     held_out = [json.loads(line)["question"] for line in open(tmp_path / "data" / "gsm8k" / "test.jsonl")]
-    training = {p.question for p in generate_problems(4000, seed=0, families=("add", "sub", "add_sub"), max_operand=9)}
+    training = {p.question for p in generate_problems(4000, seed=0, families=("chain",), max_operand=30)}
     assert len(held_out) == 8 and not training & set(held_out)
+
+
+def test_demo_refuses_zero_dpo_rounds(tmp_path):
+    with pytest.raises(SystemExit):
+        demo.main(["--output_dir", str(tmp_path), "--rl_method", "dpo", "--dpo_rounds", "0"])

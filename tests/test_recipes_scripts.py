@@ -146,6 +146,8 @@ def test_grpo_raises_the_reward_it_is_given(tmp_path):
         "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--rewards", "length",
         "format", "accuracy", "--reward_weights", "1.0", "0.0", "0.0", "--length_soft_limit", "4",
         "--length_hard_limit", "24", "--num_train_examples", "64", "--max_steps", "10", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "16", "--loss_type", "dapo", "--scale_rewards", "group",
+        "--mask_truncated_completions", "false", "--temperature", "1.0",
         "--max_completion_length", "24", "--output_dir", str(tmp_path / "grpo")]))
     trainer.train()
     length = _losses(trainer, "rewards/length_reward/mean")

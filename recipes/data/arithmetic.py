@@ -102,40 +102,46 @@ def _unit(rng: random.Random, hi: int) -> Problem:
     )
 
 
-OTHER_NAMES = ("Mia", "Noah", "Olga", "Pete", "Quinn", "Rosa")
+# Items that are one token in the shipped tokenizer: a chain question then has the same token layout
+# for every draw of a given number of steps (see _chain).
+CHAIN_ITEMS = ("apples", "books", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
 
 
-def _chain(rng: random.Random, hi: int, steps: tuple[int, int] = (3, 4), distractor: bool = True) -> Problem:
+def _chain(rng: random.Random, hi: int, steps: tuple[int, int] = (4, 4), distractor: bool = True) -> Problem:
     """A multi-step story: a start amount, then `steps` changes in order (gets d more, gives away d,
-    makes the pile m times as big), and, with `distractor`, one fact about someone else that the answer
-    must ignore. Every number in the story and the chain (start, running totals) stays within 0..`hi`;
-    a change is at most 9 (x2 or x3 for a product). The worked chain does one operation per step,
-    carrying the running total; answering directly means composing every step in one go."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    times m), and, with `distractor`, the other friend's count, which the answer must ignore. Every
+    number in the story and the chain (start, running totals) stays within 0..`hi`; a change is at most
+    9, a factor 2 or 3. The worked chain does one operation per step, carrying the running total;
+    answering directly means composing every step in one forward pass.
+
+    Every phrase after the item name has a fixed token count and every number up to 99 is one token, so
+    all questions with the same number of steps share one token layout: a tiny model learns where to
+    read each number quickly, and what it still has to learn is the arithmetic."""
+    item = rng.choice(CHAIN_ITEMS)
     value = rng.randint(2, hi)
-    sentences, chain = [f"{name} has {value} {item}."], []
+    intro = f"Two friends collect {item}. The first has {value} and the second has {rng.randint(2, hi)}." if distractor \
+        else f"A friend collects {item}. The first count is {value} and no other count matters."
+    changes, chain = [], []
     for _ in range(rng.randint(*steps)):
-        options = ["add"] * (value + 1 <= hi) + ["sub"] * (value >= 2) + ["mul"] * (2 <= value and value * 2 <= hi)
+        # Room for a whole change of up to 9 (or a small one near the ends), so totals do not pile up at hi.
+        options = ["add"] * (value + 3 <= hi) + ["sub"] * (value >= 4) + ["mul"] * (2 <= value and value * 2 <= hi)
         op = rng.choice(options)
         if op == "add":
             d = rng.randint(1, min(9, hi - value))
-            sentences.append(f"{name} gets {d} more.")
+            changes.append(f"gets {d} more")
             chain.append(f"{value} + {d} = {value + d}.")
             value += d
         elif op == "sub":
             d = rng.randint(1, min(9, value - 1))
-            sentences.append(f"{name} gives away {d}.")
+            changes.append(f"gives away {d}")
             chain.append(f"{value} - {d} = {value - d}.")
             value -= d
         else:
             m = rng.randint(2, 3 if value * 3 <= hi else 2)
-            sentences.append(f"{name} makes the pile {m} times as big.")
+            changes.append(f"times {m}")
             chain.append(f"{value} * {m} = {value * m}.")
             value *= m
-    if distractor:
-        other, other_item = rng.choice(OTHER_NAMES), rng.choice(ITEMS)
-        sentences.insert(rng.randint(1, len(sentences)), f"{other} has {rng.randint(2, hi)} {other_item}.")
-    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    question = f"{intro} The first then {', '.join(changes)}. How many {item} does the first have now?"
     return Problem(question, " ".join(chain), value, "chain")
 
 
@@ -144,7 +150,7 @@ FAMILIES = {"add": _add, "sub": _sub, "mul": _mul, "add_sub": _add_sub, "unit": 
 
 def generate_problems(
     n: int, seed: int = 0, split: str = "train", families: tuple[str, ...] = ("add", "sub", "add_sub"),
-    max_operand: int = 20, steps: tuple[int, int] = (3, 4),
+    max_operand: int = 20, steps: tuple[int, int] = (4, 4),
 ) -> list[Problem]:
     """`n` distinct problems of `split`, drawn round-robin from `families`; the same arguments always
     give the same list. `steps` (fewest, most) sets how many operations a `chain` problem has."""

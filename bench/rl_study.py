@@ -1,0 +1,84 @@
+"""Each RL method of the demo over several seeds: held-out greedy accuracy per stage, mean and spread.
+
+    python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study
+    python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
+
+Per seed, `python -m recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
+start from that run's sft_cot (`--sft_from`), so every method of a seed is compared on the same SFT model.
+Writes OUTPUT_DIR/study.json and OUTPUT_DIR/study.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / f"seed{seed}" / ("demo" if method == "grpo" else method)
+
+
+def run(out: Path, seeds: list[int], methods: list[str], extra: list[str]) -> None:
+    for seed in seeds:
+        base = run_dir(out, "grpo", seed)
+        order = ["grpo", *[m for m in methods if m != "grpo"]]
+        for method in order:
+            target = run_dir(out, method, seed)
+            if (target / "results.json").is_file() and any(
+                    s["stage"] == method for s in json.loads((target / "results.json").read_text())["stages"]):
+                continue  # finished earlier
+            command = [sys.executable, "-m", "recipes.demo", "--seed", str(seed), "--rl_method", method,
+                       "--output_dir", str(target), *extra]
+            if method != "grpo":
+                command += ["--sft_from", str(base)]
+            print("+", " ".join(command), flush=True)
+            subprocess.run(command, cwd=REPO, check=True)
+
+
+def report(out: Path) -> str:
+    rows = {}
+    for results in sorted(out.glob("seed*/*/results.json")):
+        data = json.loads(results.read_text())
+        for stage in data["stages"]:
+            rows.setdefault(stage["stage"], {})[data["seed"]] = stage
+    order = [s for s in ("init", "sft_direct", "sft_cot", "grpo", "dpo", "rlhf") if s in rows]
+    seeds = sorted({seed for stage in rows.values() for seed in stage})
+    lines = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max-min) | pass@8 mean |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    summary = {}
+    for name in order:
+        values = [rows[name][s]["strict"] for s in seeds if s in rows[name]]
+        passk = [rows[name][s]["pass@8"] for s in seeds if s in rows[name] and "pass@8" in rows[name][s]]
+        summary[name] = {"strict": {str(s): rows[name][s]["strict"] for s in seeds if s in rows[name]},
+                         "mean": statistics.mean(values), "spread": max(values) - min(values)}
+        cells = [f"{100 * rows[name][s]['strict']:.1f}" if s in rows[name] else "" for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * statistics.mean(values):.1f} | "
+                     f"{100 * (max(values) - min(values)):.1f} | "
+                     + (f"{100 * statistics.mean(passk):.1f}" if passk else "") + " |")
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    table = "\n".join(lines)
+    (out / "study.md").write_text(table + "\n")
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["grpo", "dpo", "rlhf"], choices=["grpo", "dpo", "rlhf"])
+    parser.add_argument("--output_dir", default="runs/rl_study")
+    parser.add_argument("--report", default=None, help="only write the table of the runs under this folder")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.report or args.output_dir)
+    if not args.report:
+        run(out, args.seeds, args.methods, extra)
+    print(report(out))
+
+
+if __name__ == "__main__":
+    main()
