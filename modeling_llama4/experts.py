@@ -110,9 +110,10 @@ def select_kernel(implementation: str, x: torch.Tensor, top_k_index: torch.Tenso
         return "batched" if top_k_index.numel() <= gate_up_proj.shape[0] else "dense"
     if x.device.type != "cpu":
         return "grouped_mm" if runs else "loop"
-    if torch.get_num_threads() > 1:
-        counts = count_tokens(top_k_index, gate_up_proj.shape[0])
-        if counts.numel() * int(counts.max()) <= _MAX_PADDING * top_k_index.numel():
+    pairs, num_experts = top_k_index.numel(), gate_up_proj.shape[0]
+    if torch.get_num_threads() > 1 and num_experts <= _MAX_PADDING * pairs:
+        counts = count_tokens(top_k_index, num_experts)
+        if num_experts * int(counts.max()) <= _MAX_PADDING * pairs:
             return "padded"
     return "loop"
 
@@ -195,11 +196,30 @@ class _LoopGroupedMatmul(torch.autograd.Function):
 
 
 def loop_experts(x, top_k_index, top_k_scores, gate_up_proj, down_proj) -> torch.Tensor:
+    if x.shape[0] == 1:
+        # One token (batch-1 decoding): its k experts are distinct, so there is nothing to sort or gather.
+        out = None
+        for slot, expert in enumerate(top_k_index[0].tolist()):
+            routed_in = (x * top_k_scores[:, slot : slot + 1]).to(gate_up_proj.dtype)
+            routed_out = _swiglu(routed_in @ gate_up_proj[expert]) @ down_proj[expert]
+            out = routed_out if out is None else out + routed_out
+        return out
     order = TokenOrder.sort(top_k_index, gate_up_proj.shape[0])
     counts = order.tokens_per_expert.tolist()
     routed_in = order.gather(x, top_k_scores).to(gate_up_proj.dtype)
-    hidden = _swiglu(_LoopGroupedMatmul.apply(routed_in, gate_up_proj, counts))
-    return order.scatter(_LoopGroupedMatmul.apply(hidden, down_proj, counts), top_k_index.shape[-1])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (routed_in, gate_up_proj, down_proj)):
+        hidden = _swiglu(_LoopGroupedMatmul.apply(routed_in, gate_up_proj, counts))
+        routed_out = _LoopGroupedMatmul.apply(hidden, down_proj, counts)
+    else:
+        # Without autograd, each expert's whole SwiGLU in one go (decoding: per-call overhead counts).
+        routed_out = routed_in.new_empty(routed_in.shape[0], down_proj.shape[-1])
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mm(_swiglu(routed_in[rows] @ gate_up_proj[e]), down_proj[e], out=routed_out[rows])
+                start += count
+    return order.scatter(routed_out, top_k_index.shape[-1])
 
 
 def padded_experts(x, top_k_index, top_k_scores, gate_up_proj, down_proj) -> torch.Tensor:

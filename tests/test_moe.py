@@ -63,7 +63,7 @@ def values_and_grads(fn, moe: Llama4TextMoe, x: torch.Tensor, upstream: torch.Te
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 9), (1, 3), (3, 1)])
+@pytest.mark.parametrize("shape", [(2, 9), (1, 3), (3, 1), (1, 1)])
 def test_sparse_dispatch_matches_dense_formula_values_and_gradients(implementation, top_k, shape):
     moe = make_moe(moe_implementation=implementation, num_experts_per_tok=top_k)
     torch.manual_seed(1)
