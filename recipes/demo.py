@@ -41,6 +41,8 @@ from tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 RL_METHODS = ("grpo", "dpo", "rlhf")
+# A worked 4-step chain with its answer is about 50 tokens.
+MAX_NEW_TOKENS = 64
 # On-policy DPO rounds: full fine-tune (the reference is the round's starting model), pairs from 4 samples
 # per training problem at temperature 1.0, an SFT term on the chosen chain (dpo.yaml's loss_type).
 DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy_temperature", "1.0"]
@@ -103,13 +105,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rl_steps", type=int, default=None,
                         help="GRPO steps (grpo, rlhf) or DPO steps per round (dpo); default: the config's max_steps")
     parser.add_argument("--dpo_rounds", type=int, default=3, help="on-policy DPO rounds (--rl_method dpo)")
-    parser.add_argument("--num_eval", type=int, default=200, help="held-out problems scored at each stage")
-    parser.add_argument("--num_passk", type=int, default=100, help="held-out problems sampled 8 times for pass@8")
+    parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
+    parser.add_argument("--num_passk", type=int, default=50, help="held-out problems sampled 8 times for pass@8")
     parser.add_argument("--sft_curve_every", type=int, default=100,
                         help="score a held-out slice every this many SFT steps while training (0: off)")
     parser.add_argument("--rl_curve_every", type=int, default=10,
                         help="score a held-out slice every this many GRPO steps while training (0: off)")
-    parser.add_argument("--curve_problems", type=int, default=100, help="held-out problems in each of those scores")
+    parser.add_argument("--curve_problems", type=int, default=50, help="held-out problems in each of those scores")
     parser.add_argument("--sft_from", default=None,
                         help="reuse init, sft_direct and sft_cot of an earlier demo output dir (same --seed) and "
                              "train only the RL stage")
@@ -134,8 +136,9 @@ def main(argv=None) -> list[dict]:
 
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
               "--disable_tqdm", "true"]
-    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_problems", str(args.curve_problems)]
-    rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), "--heldout_problems", str(args.curve_problems)]
+    curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(MAX_NEW_TOKENS)]
+    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), *curve]
+    rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), *curve]
     stages, curves = [], {}
     start = time.time()
 
@@ -143,11 +146,11 @@ def main(argv=None) -> list[dict]:
         # Every run trains its models anew, so samples an earlier run scored belong to other weights.
         shutil.rmtree(out / "eval" / stage, ignore_errors=True)
         model, tokenizer = load_policy(model_dir)
-        result = score_heldout(model, tokenizer, data_dir, output_dir=out / "eval" / stage)
+        result = score_heldout(model, tokenizer, data_dir, max_new_tokens=MAX_NEW_TOKENS, output_dir=out / "eval" / stage)
         entry = {"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
                  "n": result["n"], "train_seconds": round(seconds, 1), **extra}
         if passk:
-            sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, seed=args.seed)
+            sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed)
             entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
         stages.append(entry)
         print(f"[demo] {stage}: strict {entry['strict']:.1%}, flexible {entry['flexible']:.1%}"
@@ -194,7 +197,7 @@ def main(argv=None) -> list[dict]:
 
         def after_round(r: int, round_dir: Path) -> None:
             model, tokenizer = load_policy(round_dir)
-            score = score_heldout(model, tokenizer, passk_dir)
+            score = score_heldout(model, tokenizer, passk_dir, max_new_tokens=MAX_NEW_TOKENS)
             history.append({"step": r, "heldout_strict": score["exact_match_strict"]})
             print(f"[demo] dpo round {r}: held-out slice strict {score['exact_match_strict']:.1%}", flush=True)
 
