@@ -212,3 +212,15 @@ def test_kv_cache_bytes_formula_matches_a_real_cache():
             cache = fast(_ids(2, length, seed=8), use_cache=True).cache
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         assert held == kv_cache_bytes(fast.config, length, bytes_per_value=4, batch=2)
+
+
+def test_per_layer_outputs_are_whole_when_the_prompt_would_be_sliced():
+    fast, _ = _twins("scout", prefill_chunk_size=8)
+    ids = _ids(1, 20, seed=9)
+    with torch.no_grad():
+        out = fast(ids, output_hidden_states=True, output_router_logits=True)
+        fast.config.prefill_chunk_size = None
+        whole = fast(ids, output_hidden_states=True, output_router_logits=True)
+    assert [h.shape for h in out.hidden_states] == [(1, 20, 64)] * 5
+    assert all((a - b).abs().max() <= TOLERANCE for a, b in zip(out.hidden_states, whole.hidden_states))
+    assert [r.shape for r in out.router_logits] == [(20, 4)] * 4
