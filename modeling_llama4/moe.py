@@ -112,18 +112,33 @@ def _moe_layers(model: nn.Module):
 
 
 @torch.no_grad()
+def sync_tokens_per_expert(model: nn.Module, group=None) -> None:
+    """Sum every MoE layer's `tokens_per_expert` over the ranks of `group` (default: all): one all-reduce of
+    an (E,) int64 tensor per layer, so the bias update and the load metrics see the global load. A rank
+    that counted nothing in a layer contributes zeros (every rank must enter every collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size(group) == 1:
+        return
+    for _, module in _moe_layers(model):
+        if module.tokens_per_expert is None:
+            device = module.router.weight.device
+            module.tokens_per_expert = torch.zeros(module.num_experts, dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(module.tokens_per_expert, group=group)
+
+
+@torch.no_grad()
 def update_expert_bias(model: nn.Module) -> None:
     """Once per optimizer step: DeepSeek-V3's aux-loss-free balancing on every MoE layer with an
     `expert_bias` (raise the bias of experts that got fewer tokens than the mean since the last step,
     lower the others, by `moe_bias_update_rate`), then zero every layer's `tokens_per_expert`.
 
-    Data-parallel training must sum `tokens_per_expert` over the ranks (an all-reduce of the (E,)
-    int64 tensor) where marked below, so that every rank applies the same update."""
+    Under data parallelism call `sync_tokens_per_expert` first (the recipes' `ExpertBiasCallback` does), so
+    that every rank applies the same update from the global load."""
     for _, module in _moe_layers(model):
         counts = module.tokens_per_expert
         if counts is None:
             continue
-        # <- all-reduce `counts` (sum over data-parallel ranks) here.
         if module.expert_bias is not None:
             load = counts.to(module.expert_bias.dtype)
             module.expert_bias.add_(module.bias_update_rate * torch.sign(load.mean() - load))
