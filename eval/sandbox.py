@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import base64
 import itertools
-import queue
 import json
 import math
 import os
+import queue
 import secrets
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -439,8 +440,6 @@ def _run_in_process(source: str, timeout: float, limits: Limits, level: str, pyt
     if level == ISOLATED:
         proc = _launch_isolated(python, program, limits, timeout)
     else:
-        import tempfile
-
         work_dir = tempfile.mkdtemp(prefix="llama4-sandbox-")
         proc, uid = _launch_unsandboxed(python, program, limits, timeout, work_dir)
     try:
