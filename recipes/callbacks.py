@@ -34,6 +34,8 @@ class HeldOutEvalArguments:
                 "synthetic problems through the eval harness; 0 turns it off."})
     heldout_problems: int = field(default=100, metadata={"help": "Held-out problems in each of those evaluations."})
     heldout_max_new_tokens: int = field(default=96, metadata={"help": "Longest generation in those evaluations."})
+    heldout_at_start: bool = field(default=True, metadata={
+        "help": "Also score before the first step (off when the starting model was scored already)."})
 
 
 def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand: int, steps=(4, 4),
@@ -67,18 +69,19 @@ def score_heldout(model, tokenizer, data_dir: str | Path, max_new_tokens: int = 
 
 
 class HeldOutEvalCallback(TrainerCallback):
-    """Scores the model being trained on held-out problems before training and every `every` steps
+    """Scores the model being trained on held-out problems before training (unless `at_start` is off) and every `every` steps
     (and after the last step), appending `{"step", "heldout_strict", "heldout_flexible"}` to
     `state.log_history`; each evaluation's generations go to `samples_dir/step-N` when given."""
 
     def __init__(self, tokenizer, data_dir: str | Path, every: int, max_new_tokens: int = 96,
-                 samples_dir: str | Path | None = None):
+                 samples_dir: str | Path | None = None, at_start: bool = True):
         if every < 1:
             raise ValueError(f"heldout_eval_steps must be >= 1 to evaluate during training, got {every}")
         if not (Path(data_dir) / "gsm8k" / "test.jsonl").is_file():
             raise ValueError(f"no held-out problems at {data_dir}/gsm8k/test.jsonl; write them with write_heldout")
         self.tokenizer, self.data_dir, self.every, self.max_new_tokens = tokenizer, Path(data_dir), every, max_new_tokens
         self.samples_dir = Path(samples_dir) if samples_dir else None
+        self.at_start = at_start
         self._last_step = None
 
     def _evaluate(self, state, model) -> None:
@@ -99,7 +102,8 @@ class HeldOutEvalCallback(TrainerCallback):
                     time.time() - start)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._evaluate(state, model)
+        if self.at_start:
+            self._evaluate(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
@@ -117,7 +121,8 @@ def add_heldout_eval(trainer, recipe_args, tokenizer) -> None:
     data_dir = write_heldout(tempfile.mkdtemp(prefix="heldout-"), recipe_args.heldout_problems,
                              recipe_args.problem_families, recipe_args.max_operand, recipe_args.problem_steps)
     trainer.add_callback(HeldOutEvalCallback(tokenizer, data_dir, every, recipe_args.heldout_max_new_tokens,
-                                             Path(trainer.args.output_dir) / "heldout_samples"))
+                                             Path(trainer.args.output_dir) / "heldout_samples",
+                                             getattr(recipe_args, "heldout_at_start", True)))
 
 
 def sampled_pass_at_k(model, tokenizer, data_dir: str | Path, k: int = 8, temperature: float = 1.0,

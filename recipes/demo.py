@@ -137,7 +137,8 @@ def main(argv=None) -> list[dict]:
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
               "--disable_tqdm", "true"]
     curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(MAX_NEW_TOKENS)]
-    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), *curve]
+    # SFT starts from init, which is scored already (0%): its curve starts at the first interval.
+    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_at_start", "false", *curve]
     rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), *curve]
     stages, curves = [], {}
     start = time.time()

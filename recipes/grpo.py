@@ -25,18 +25,20 @@ from recipes.common import (
     run_recipe,
     synthetic_problems,
 )
+from recipes import step_rewards
 from recipes.learned_reward import RewardModelScorer, reward_model_reward
 from recipes.rewards import REWARDS, for_trl
 
 # Rewards that need more than the completion and the dataset row: built here, not in recipes.rewards.
-LEARNED_REWARDS = ("reward_model",)
+LEARNED_REWARDS = ("reward_model", "steps")
 
 
 @dataclass
 class GRPOArguments(RecipeArguments, HeldOutEvalArguments):
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={
         "help": f"Reward functions, from {sorted([*REWARDS, *LEARNED_REWARDS])}; weigh them with GRPOConfig's "
-                "reward_weights. 'reward_model' is the learned reward of reward_model_path."})
+                "reward_weights. 'reward_model' is the learned reward of reward_model_path; 'steps' the share of the gold "
+                "chain's steps the completion got right (recipes/step_rewards.py)."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "Folder of a reward model trained by recipes/reward.py, for the 'reward_model' reward."})
     length_soft_limit: int = field(default=128, metadata={"help": "Tokens before the length penalty starts."})
@@ -74,7 +76,9 @@ def reward_functions(recipe_args: GRPOArguments, tokenizer) -> list:
     }
     functions = []
     for name in recipe_args.rewards:
-        if name == "reward_model":
+        if name == "steps":
+            functions.append(step_rewards.for_trl(tokenizer))
+        elif name == "reward_model":
             functions.append(reward_model_reward(RewardModelScorer(recipe_args.reward_model_path, tokenizer), tokenizer))
         else:
             functions.append(for_trl(name, tokenizer, **options.get(name, {})))

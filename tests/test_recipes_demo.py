@@ -22,9 +22,9 @@ def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(t
         assert 0 <= s["pass@1_sampled"] <= s["pass@8"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages
     assert (tmp_path / "demo.png").stat().st_size > 0
-    # The held-out curve during SFT: before training, every 2 steps and after the last step.
+    # The held-out curve during SFT: every 2 steps and after the last step (init is scored as its own stage).
     history = json.loads((tmp_path / "sft_cot" / "trainer_state.json").read_text())["log_history"]
-    assert [h["step"] for h in history if "heldout_strict" in h] == [0, 2, 3]
+    assert [h["step"] for h in history if "heldout_strict" in h] == [2, 3]
     grpo_history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in grpo_history if "heldout_strict" in h] == [0, 1]
     # The direct baseline was trained on answers alone, the chain model on worked chains.

@@ -114,3 +114,21 @@ def test_online_dpo_round_trains_on_the_policys_own_samples_and_chains_rounds(tm
     assert any(not torch.equal(initial[k], round1[k]) for k in round1)
     with pytest.raises(ValueError, match="on_policy_samples"):
         online_dpo.run_rounds(1, ["--model_name_or_path", str(start)], tmp_path / "x")
+
+
+def test_step_reward_gives_partial_credit_for_the_gold_chain_steps_in_order():
+    from recipes.step_rewards import step_reward
+
+    problem = generate_problems(1, seed=0, families=("chain",))[0]
+    gold = [problem.gsm8k_row()["answer"]]
+    right = f"{THINK_START}{problem.reasoning}{THINK_END}{problem.final}"
+    assert step_reward([right], gold) == [1.0]
+    # The last result off by one: every step but the last still matches.
+    wrong_last = problem.reasoning.rsplit("= ", 1)[0] + f"= {problem.answer + 1}."
+    n = problem.reasoning.count(" = ")
+    assert step_reward([f"{THINK_START}{wrong_last}{THINK_END}x"], gold) == [pytest.approx((n - 1) / n)]
+    # No thinking block, or an extra step: less credit; no gold steps: not applicable.
+    assert step_reward([problem.final], gold) == [0.0]
+    extra = f"{THINK_START}{problem.reasoning} 1 + 1 = 2.{THINK_END}x"
+    assert step_reward([extra], gold) == [pytest.approx(n / (n + 1))]
+    assert step_reward([right], ["#### 5"]) == [None]
