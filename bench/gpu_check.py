@@ -59,8 +59,14 @@ def our_config(widths: dict, experts: int, layers: int, **overrides) -> Llama4Te
 
 def build(config: Llama4TextConfig, device: str, dtype: torch.dtype, reference: bool):
     torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype` directly: 128 Scout experts are 32 GiB in bf16
+    try:
+        with torch.device(device):
+            ours = Llama4ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     with torch.device(device):
-        ours = Llama4ForCausalLM(config).to(dtype).eval()
         theirs = None
         if reference:
             theirs = TransformersLlama4ForCausalLM._from_config(
