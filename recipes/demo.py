@@ -45,7 +45,11 @@ RL_METHODS = ("grpo", "dpo", "rlhf")
 MAX_NEW_TOKENS = 64
 # On-policy DPO rounds: full fine-tune (the reference is the round's starting model), pairs from 4 samples
 # per training problem at temperature 1.0, an SFT term on the chosen chain (dpo.yaml's loss_type).
-DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy_temperature", "1.0"]
+DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy_temperature", "1.0",
+                 "--on_policy_max_new_tokens", "64", "--num_train_examples", "256", "--learning_rate", "2e-5",
+                 "--max_steps", "30"]
+# The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
+REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4", "--on_policy_max_new_tokens", "64"]
 
 
 def load_policy(model_dir: Path):
@@ -215,7 +219,7 @@ def main(argv=None) -> list[dict]:
         # failed samples (vs its verified ones).
         reward.main(["--config", str(CONFIGS / "reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                      str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
-                     "--policy_name_or_path", str(sft_dir), "--on_policy_samples", "4", *args.reward_args])
+                     "--policy_name_or_path", str(sft_dir), *REWARD_DATA, *args.reward_args])
         rl_dir = out / "rlhf"
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                    str(rl_dir), *common, *rl_curve, "--rewards", "reward_model", "--reward_weights", "1.0",

@@ -14,8 +14,14 @@ QUICK = ["--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8", "--num_passk"
 RL_QUICK = "--num_train_examples 16 --per_device_train_batch_size 8 --max_completion_length 16"
 
 
-def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(tmp_path):
-    stages = demo.main(["--output_dir", str(tmp_path), *QUICK, f"--rl_args={RL_QUICK}"])
+@pytest.fixture(scope="module")
+def grpo_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.main(["--output_dir", str(out), *QUICK, f"--rl_args={RL_QUICK}"])
+
+
+def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(grpo_demo):
+    tmp_path, stages = grpo_demo
     assert [s["stage"] for s in stages] == ["init", "sft_direct", "sft_cot", "grpo"]
     assert all(s["n"] == 8 and 0 <= s["strict"] <= s["flexible"] + 1e-9 <= 1 for s in stages)
     for s in stages[2:]:
@@ -33,6 +39,29 @@ def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(t
     held_out = [json.loads(line)["question"] for line in open(tmp_path / "data" / "gsm8k" / "test.jsonl")]
     training = {p.question for p in generate_problems(4000, seed=0, families=("chain",), max_operand=30)}
     assert len(held_out) == 8 and not training & set(held_out)
+
+
+@pytest.mark.parametrize("method", ["dpo", "rlhf"])
+def test_demo_rl_methods_start_from_the_same_sft_model(grpo_demo, method, tmp_path):
+    """dpo (on-policy rounds) and rlhf (a reward model from sft_cot, then GRPO on its score) reuse the
+    grpo run's SFT stages through --sft_from and add their own stage."""
+    source, grpo_stages = grpo_demo
+    extra = {"dpo": ["--dpo_rounds", "2", "--rl_args=--num_train_examples 4 --on_policy_samples 2 "
+                                                      "--on_policy_max_new_tokens 8 --per_device_train_batch_size 4"],
+             "rlhf": [f"--rl_args={RL_QUICK}", "--reward_args=--num_train_examples 4 --on_policy_samples 2 "
+                                                 "--on_policy_max_new_tokens 8 --max_steps 2"]}[method]
+    stages = demo.main(["--output_dir", str(tmp_path), "--sft_from", str(source), *QUICK, *extra])
+    assert [s["stage"] for s in stages] == ["init", "sft_direct", "sft_cot", method]
+    assert stages[:3] == grpo_stages[:3]
+    assert 0 <= stages[3]["strict"] <= 1 and 0 <= stages[3]["pass@8"] <= 1
+    if method == "rlhf":
+        history = json.loads((tmp_path / "rlhf" / "trainer_state.json").read_text())["log_history"]
+        logged = [h for h in history if "rm_true_accuracy" in h]
+        assert logged and all("rewards/learned_reward/mean" in h for h in logged)
+    else:
+        assert (tmp_path / "dpo_rounds" / "round-2" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="seed"):
+        demo.main(["--output_dir", str(tmp_path / "other"), "--sft_from", str(source), "--seed", "1", *QUICK])
 
 
 def test_demo_refuses_zero_dpo_rounds(tmp_path):
