@@ -10,10 +10,11 @@ One vocabulary names the kernels, and `select_kernel` is the one place that pick
 
 * "grouped_mm": (token, expert) pairs sorted by expert, then two grouped matrix products
   (`torch.nn.functional.grouped_mm`). Nothing is read back to the host and every shape is static, so
-  it needs no device sync and compiles with `fullgraph=True`. CUDA bfloat16 on sm80+, CPU
-  float32/bfloat16/float16, rows of 16-byte multiples.
+  it needs no device sync and compiles with `fullgraph=True` (torch compiles it for bfloat16 only).
+  CUDA bfloat16 on sm80+, CPU float32/bfloat16/float16, rows of 16-byte multiples.
 * "loop": the portable fallback, any device and dtype: the same sorted pairs, one matrix product per
-  expert that received tokens (it reads the per-expert counts on the host).
+  expert that received tokens (it reads the per-expert counts on the host); a single token goes
+  straight through its k experts, with nothing to sort.
 * "padded" (CPU, several threads): each expert's pairs padded to the busiest expert's count, then
   two batched products over all experts. Every CPU matrix product is a parallel region that waits for
   all threads; on shared cores `bench/bench_moe.md` measured this 3.6x faster than the per-expert
