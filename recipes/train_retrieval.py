@@ -2,14 +2,13 @@
 then score the niah grid far past the training length.
 
     OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/tt \
-        --steps 1000 --min_length 384 --max_length 1024
+        --steps 450 --warmup 50 --min_length 384 --max_length 1024 --digits 2 --max_keys 6
     OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/notemp \
-        --steps 1000 --min_length 384 --max_length 1024 --no_temperature_tuning
+        --steps 450 --warmup 50 --min_length 384 --max_length 1024 --digits 2 --max_keys 6 --no_temperature_tuning
 
 A plain loop (AdamW, warm-up then cosine decay, loss on the answer tokens only; each document asks
-for every key it hides): the documents come
-from recipes/data/retrieval.py, right-padded (causal attention never looks right, so no mask is
-needed). The saved folder loads with `Llama4ForCausalLM.from_pretrained` and runs through
+for every key it hides): the documents come from recipes/data/retrieval.py, right-padded (causal
+attention never looks right, so no mask is needed). The saved folder loads with `Llama4ForCausalLM.from_pretrained` and runs through
 `llama4-eval --tasks niah`; `--eval_lengths` scores it here at the end through `eval.evaluate`.
 """
 
