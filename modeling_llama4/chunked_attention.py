@@ -138,20 +138,26 @@ def _prefix_then_causal(query, key, value, split: int, scaling: float) -> torch.
 
 
 def _chunk_blocks(query, key, value, chunk_size: int, scaling: float, dropout: float) -> torch.Tensor:
-    """Causal attention inside consecutive chunks, the first starting at query 0 (keys aligned)."""
+    """Causal attention inside consecutive chunks, the first starting at query 0 (keys aligned). The whole
+    chunks go through one batched kernel; a last partial chunk runs on its own, unpadded (padding a short
+    prompt to a whole chunk would cost up to chunk/length times the work)."""
     batch, heads, length, dim = query.shape
-    blocks = -(-length // chunk_size)
-    pad = blocks * chunk_size - length
+    whole = length // chunk_size * chunk_size
+    parts = []
+    if whole:
+        blocks = whole // chunk_size
 
-    def to_blocks(x):
-        x = F.pad(x, (0, 0, 0, pad))
-        return x.view(batch, x.shape[1], blocks, chunk_size, dim).transpose(1, 2).reshape(
-            batch * blocks, x.shape[1], chunk_size, dim
-        )
+        def to_blocks(x):
+            return x[:, :, :whole].reshape(batch, x.shape[1], blocks, chunk_size, dim).transpose(1, 2).reshape(
+                batch * blocks, x.shape[1], chunk_size, dim
+            )
 
-    out = _sdpa(to_blocks(query), to_blocks(key), to_blocks(value), scaling, dropout, is_causal=True)
-    out = out.view(batch, blocks, heads, chunk_size, dim).transpose(1, 2).reshape(batch, heads, -1, dim)
-    return out[:, :, :length]
+        out = _sdpa(to_blocks(query), to_blocks(key), to_blocks(value), scaling, dropout, is_causal=True)
+        parts.append(out.view(batch, blocks, heads, chunk_size, dim).transpose(1, 2).reshape(batch, heads, whole, dim))
+    if whole < length:
+        rest = slice(whole, length)
+        parts.append(_sdpa(query[:, :, rest], key[:, :, rest], value[:, :, rest], scaling, dropout, is_causal=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _block_mask(layout: AttentionLayout, q_lo: int, q_hi: int, k_lo: int, k_hi: int, device) -> torch.Tensor:
