@@ -75,8 +75,8 @@ class Llama4TextMoe(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_local_experts))
         else:
             self.expert_bias = None
-        # (E,) int64 tokens routed to each expert by training forwards since the last optimizer step;
-        # None before the first. A plain attribute rather than a buffer: it stays out of the state dict,
+        # (E,) int64 tokens routed to each expert by training forwards since the last optimizer step
+        # (padding included: the block does not see the attention mask); None before the first. A plain attribute rather than a buffer: it stays out of the state dict,
         # dtype casts leave it exact, and DDP does not overwrite each rank's counts with rank 0's.
         self.tokens_per_expert: torch.Tensor | None = None
 
