@@ -50,7 +50,7 @@ def test_demo_rl_methods_start_from_the_same_sft_model(grpo_demo, method, tmp_pa
                                                       "--on_policy_max_new_tokens 8 --per_device_train_batch_size 4"],
              "rlhf": [f"--rl_args={RL_QUICK}", "--reward_args=--num_train_examples 4 --on_policy_samples 2 "
                                                  "--on_policy_max_new_tokens 8 --max_steps 2"]}[method]
-    stages = demo.main(["--output_dir", str(tmp_path), "--sft_from", str(source), *QUICK, *extra])
+    stages = demo.main(["--output_dir", str(tmp_path), "--sft_from", str(source), "--rl_method", method, *QUICK, *extra])
     assert [s["stage"] for s in stages] == ["init", "sft_direct", "sft_cot", method]
     assert stages[:3] == grpo_stages[:3]
     assert 0 <= stages[3]["strict"] <= 1 and 0 <= stages[3]["pass@8"] <= 1
