@@ -144,7 +144,8 @@ def check_speed(args, widths, sizes) -> list[dict]:
     for experts in args.experts:
         config = our_config(widths, experts, layers=1)
         ours, theirs = build(config, args.device, dtype, reference=True)
-        models = {"dense twin": twin_for(config, args.device, dtype), "ours (auto)": ours, "transformers Llama4": theirs}
+        twin_model = twin_for(config, args.device, dtype)
+        models = {"dense twin": twin_model, "ours (auto)": ours, "transformers Llama4": theirs}
         generator = torch.Generator().manual_seed(2)
         ids = torch.randint(3, config.vocab_size, (1, sizes["prefill"]), generator=generator).to(args.device)
         prompt = ids[:, :16]
@@ -171,7 +172,7 @@ def check_speed(args, widths, sizes) -> list[dict]:
                 decode_ms_per_token=decode * 1e3, decode_vs_twin=twin["decode"] / decode,
                 peak_gib_during_prefill=times[name]["peak_gib"],
             ))
-        del models, ours, theirs
+        del models, ours, theirs, twin_model
         peak_reset(args.device)
     return rows
 

@@ -76,8 +76,9 @@ class Llama4TextMoe(nn.Module):
         else:
             self.expert_bias = None
         # (E,) int64 tokens routed to each expert by training forwards since the last optimizer step
-        # (padding included: the block does not see the attention mask); None before the first. A plain attribute rather than a buffer: it stays out of the state dict,
-        # dtype casts leave it exact, and DDP does not overwrite each rank's counts with rank 0's.
+        # (padding included: the block does not see the attention mask); None before the first. A plain
+        # attribute rather than a buffer: it stays out of the state dict, dtype casts leave it exact,
+        # and DDP does not overwrite each rank's counts with rank 0's.
         self.tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
