@@ -11,7 +11,7 @@ Two gaps in the pinned stack, both seen with `recipes/accelerate_configs/fsdp2_c
   ParallelMode.DISTRIBUTED" and every rank trains alone on its own batches. `check_parallelism` refuses that and
   any other launch whose FSDP or DeepSpeed request the trainer would not honour.
 
-`ShardingReport` logs, when training starts, how the model is actually distributed.
+`ShardingReport` logs, when training starts with several processes, how the model is actually distributed.
 """
 
 from __future__ import annotations
@@ -82,11 +82,11 @@ class ShardingReport(TrainerCallback):
     """Logs once, at the start of training, whether the parameters are sharded and how much this rank holds."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            return
+        if model is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return  # one process: nothing to report
         sizes = [_sizes(p) for p in model.parameters()]
         sharded = sum(s for s, _, _ in sizes)
         local, total = sum(n for _, n, _ in sizes), sum(n for _, _, n in sizes)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = torch.distributed.get_rank()
         logger.info("rank %d: %d of %d parameter tensors sharded; this rank holds %d of %d elements (%.1f%%)",
                     rank, sharded, len(sizes), local, total, 100 * local / max(total, 1))
