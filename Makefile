@@ -23,7 +23,7 @@ test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 demo: setup
-	$(PYTHON) -m recipes.demo
+	$(PYTHON) -m llama4_sparse.recipes.demo
 
 clean:
 	rm -rf outputs runs .pytest_cache

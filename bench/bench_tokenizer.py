@@ -33,10 +33,10 @@ import tiktoken.load
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tokenizer import load_tokenizer  # noqa: E402
-from tokenizer.byte_level_bpe import O200K_PATTERN, build_backend  # noqa: E402
-from tokenizer.default_corpus import default_corpus, english_prose_file, stdlib_sources, word_problems  # noqa: E402
-from tokenizer.train_bpe import train_ranks  # noqa: E402
+from llama4_sparse.tokenizer import load_tokenizer  # noqa: E402
+from llama4_sparse.tokenizer.byte_level_bpe import O200K_PATTERN, build_backend  # noqa: E402
+from llama4_sparse.tokenizer.default_corpus import default_corpus, english_prose_file, stdlib_sources, word_problems  # noqa: E402
+from llama4_sparse.tokenizer.train_bpe import train_ranks  # noqa: E402
 
 
 def _catalogue_text(languages: list[str], limit_bytes: int = 500_000) -> str:

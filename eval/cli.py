@@ -1,4 +1,4 @@
-"""`llama4-eval` / `python -m eval`: command line over `eval.evaluate`."""
+"""`llama4-eval` / `python -m llama4_sparse.eval`: command line over `eval.evaluate`."""
 
 from __future__ import annotations
 

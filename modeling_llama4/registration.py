@@ -17,7 +17,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
 )
-from tokenizer import Llama4Tokenizer
+from llama4_sparse.tokenizer import Llama4Tokenizer
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .image_processing import Llama4ImageProcessor

@@ -55,7 +55,7 @@ def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand
 def score_heldout(model, tokenizer, data_dir: str | Path, max_new_tokens: int = 96, output_dir=None,
                   batch_size: int = 64) -> dict:
     """The harness's `gsm8k_chat` metrics of an in-memory model on `data_dir` (greedy, its own generations)."""
-    import eval as harness
+    import llama4_sparse.eval as harness
 
     was_training = model.training
     model.eval()
@@ -129,8 +129,8 @@ def sampled_pass_at_k(model, tokenizer, data_dir: str | Path, k: int = 8, temper
                       max_new_tokens: int = 96, seed: int = 0) -> dict:
     """pass@1 and pass@k from `k` samples per held-out problem (the unbiased estimator with n = k): the room
     RL has is the gap between what the model samples right at least once and what it gets right greedily."""
-    from eval.metrics import pass_at_k
-    from eval.tasks.gsm8k import CHAT_INSTRUCTION
+    from llama4_sparse.eval.metrics import pass_at_k
+    from llama4_sparse.eval.tasks.gsm8k import CHAT_INSTRUCTION
 
     from .data.arithmetic import Problem
     from .data.rejection_sampling import sample_completions

@@ -21,16 +21,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
 # Importing the package registers the model types, also in processes accelerate launches.
-from modeling_llama4 import (
+from llama4_sparse.modeling_llama4 import (
     Llama4Config,
     Llama4ForCausalLM,
     Llama4ForConditionalGeneration,
     Llama4ForSequenceClassification,
     Llama4TextConfig,
 )
-from modeling_llama4.load_balancing import ExpertBiasCallback
-from eval.tasks.gsm8k import CHAT_INSTRUCTION
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4.load_balancing import ExpertBiasCallback
+from llama4_sparse.eval.tasks.gsm8k import CHAT_INSTRUCTION
+from llama4_sparse.tokenizer import load_tokenizer
 
 from .data.arithmetic import FAMILIES, generate_problems
 

@@ -1,6 +1,6 @@
 """`make demo`: train chain-of-thought reasoning into the tiny multimodal MoE on CPU, and show what each stage buys.
 
-    python -m recipes.demo [--output_dir runs/demo] [--seed S] [--rl_method grpo|dpo|rlhf] [--sft_steps N] ...
+    python -m llama4_sparse.recipes.demo [--output_dir runs/demo] [--seed S] [--rl_method grpo|dpo|rlhf] [--sft_steps N] ...
 
 The task: multi-step word problems (`chain` family: a start amount, 3-4 changes in order with +, -, x,
 and a distractor fact about someone else). Stages, each scored by the eval harness (`gsm8k_chat`, the
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
-from recipes import grpo, online_dpo, reward, sft
-from recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
+from llama4_sparse.recipes import grpo, online_dpo, reward, sft
+from llama4_sparse.recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
+from llama4_sparse.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 RL_METHODS = ("grpo", "dpo", "rlhf")

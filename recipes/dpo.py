@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from recipes.common import (
+from llama4_sparse.recipes.common import (
     PROMPT_TEMPLATES,
     RecipeArguments,
     build_model,
@@ -24,8 +24,8 @@ from recipes.common import (
     reference_model,
     synthetic_problems,
 )
-from recipes.data.preferences import on_policy_rows, preference_rows
-from recipes.data.rejection_sampling import sample_completions
+from llama4_sparse.recipes.data.preferences import on_policy_rows, preference_rows
+from llama4_sparse.recipes.data.rejection_sampling import sample_completions
 
 
 @dataclass

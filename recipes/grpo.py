@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
-from recipes.common import (
+from llama4_sparse.recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
+from llama4_sparse.recipes.common import (
     PROMPT_TEMPLATES,
     RecipeArguments,
     build_model,
@@ -25,9 +25,9 @@ from recipes.common import (
     run_recipe,
     synthetic_problems,
 )
-from recipes import step_rewards
-from recipes.learned_reward import RewardModelScorer, reward_model_reward
-from recipes.rewards import REWARDS, for_trl
+from llama4_sparse.recipes import step_rewards
+from llama4_sparse.recipes.learned_reward import RewardModelScorer, reward_model_reward
+from llama4_sparse.recipes.rewards import REWARDS, for_trl
 
 # Rewards that need more than the completion and the dataset row: built here, not in recipes.rewards.
 LEARNED_REWARDS = ("reward_model", "steps")
@@ -56,7 +56,7 @@ class GRPOArguments(RecipeArguments, HeldOutEvalArguments):
         if "reward_model" in self.rewards and not self.reward_model_path:
             raise ValueError("the 'reward_model' reward needs reward_model_path: a folder saved by recipes/reward.py")
         if "code" in self.rewards:  # refuse before training starts, not at the first reward call
-            from eval.sandbox import isolation_level
+            from llama4_sparse.eval.sandbox import isolation_level
 
             isolation_level(allow_unsandboxed=self.allow_unsandboxed_code)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modeling_llama4 import Llama4ForSequenceClassification
+from llama4_sparse.modeling_llama4 import Llama4ForSequenceClassification
 
 from .rewards import accuracy_reward, split_completion
 

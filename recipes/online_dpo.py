@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes import dpo
+from llama4_sparse.recipes import dpo
 
 
 def _value(args: list[str], flag: str, default: str | None = None) -> str | None:

@@ -21,10 +21,10 @@ from datasets import Dataset, concatenate_datasets
 from safetensors.torch import load_file
 from trl import RewardConfig, RewardTrainer
 
-from modeling_llama4 import Llama4Config, Llama4ForSequenceClassification
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForSequenceClassification
 
-from recipes.common import MODEL_CLASSES, build_model, build_tokenizer, logger, lora_config, run_recipe
-from recipes.dpo import DPOArguments, preference_dataset
+from llama4_sparse.recipes.common import MODEL_CLASSES, build_model, build_tokenizer, logger, lora_config, run_recipe
+from llama4_sparse.recipes.dpo import DPOArguments, preference_dataset
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from math_verify import parse, verify
 
-from eval.sandbox import run_programs
+from llama4_sparse.eval.sandbox import run_programs
 
 THINK_START = "<|reasoning_thinking_start|>"
 THINK_END = "<|reasoning_thinking_end|>"

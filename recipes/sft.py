@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from modeling_llama4 import Llama4ImageProcessor, Llama4Processor
-from recipes.common import (
+from llama4_sparse.modeling_llama4 import Llama4ImageProcessor, Llama4Processor
+from llama4_sparse.recipes.common import (
     PROMPT_TEMPLATES,
     RecipeArguments,
     build_model,
@@ -25,8 +25,8 @@ from recipes.common import (
     run_recipe,
     synthetic_problems,
 )
-from recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
-from recipes.data.shapes import generate_scenes
+from llama4_sparse.recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
+from llama4_sparse.recipes.data.shapes import generate_scenes
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Train the tiny preset from scratch on synthetic retrieval (niah-format documents of <= 2k tokens),
 then score the niah grid far past the training length.
 
-    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/tt \
+    OMP_NUM_THREADS=1 python -m llama4_sparse.recipes.train_retrieval --output_dir runs/long_context/tt \
         --steps 450 --warmup 50 --min_length 384 --max_length 1024 --digits 2 --max_keys 6
-    OMP_NUM_THREADS=1 python -m recipes.train_retrieval --output_dir runs/long_context/notemp \
+    OMP_NUM_THREADS=1 python -m llama4_sparse.recipes.train_retrieval --output_dir runs/long_context/notemp \
         --steps 450 --warmup 50 --min_length 384 --max_length 1024 --digits 2 --max_keys 6 --no_temperature_tuning
 
 A plain loop (AdamW, warm-up then cosine decay, loss on the answer tokens only; each document asks
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from recipes.data.retrieval import retrieval_batch
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.recipes.data.retrieval import retrieval_batch
+from llama4_sparse.tokenizer import load_tokenizer
 
 
 def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     summary = {"train_s": round(time.time() - started, 1), "steps": args.steps,
                "temperature_tuning": not args.no_temperature_tuning}
     if args.eval_lengths:
-        import eval as harness
+        import llama4_sparse.eval as harness
 
         lengths = [int(n) for n in args.eval_lengths.split(",")]
         summary["niah"] = harness.evaluate(

@@ -7,8 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_experts
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.modeling_llama4.expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_experts
 
 
 def main(out_path: str, implementation: str) -> None:

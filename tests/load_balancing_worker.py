@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.moe import Llama4TextMoe, sync_tokens_per_expert, update_expert_bias
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.modeling_llama4.moe import Llama4TextMoe, sync_tokens_per_expert, update_expert_bias
 
 
 def main(out_path: str) -> None:

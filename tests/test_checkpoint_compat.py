@@ -23,9 +23,9 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4ForSequenceClassification
-from recipes import dpo, grpo, reward, sft
-from recipes.common import BASE_SUBFOLDER, MERGED_SUBFOLDER, RecipeArguments, parse_recipe, train_and_save
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4ForSequenceClassification
+from llama4_sparse.recipes import dpo, grpo, reward, sft
+from llama4_sparse.recipes.common import BASE_SUBFOLDER, MERGED_SUBFOLDER, RecipeArguments, parse_recipe, train_and_save
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny"
@@ -307,8 +307,8 @@ json.dump(result, open(out, "w"))
 
 
 def test_saved_tokenizer_keeps_role_spoof_safety_through_remote_code(trained, tmp_path):
-    from modeling_llama4 import Llama4ImageProcessor, Llama4Processor
-    from tokenizer import load_tokenizer
+    from llama4_sparse.modeling_llama4 import Llama4ImageProcessor, Llama4Processor
+    from llama4_sparse.tokenizer import load_tokenizer
 
     folder = trained["text"][0]
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -355,9 +355,9 @@ def test_official_model_types_opt_in_serves_official_folders_with_this_package(t
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    import modeling_llama4
-    from modeling_llama4 import Llama4Config, Llama4TextConfig
-    from modeling_llama4.transformers_compat import to_transformers_config
+    from llama4_sparse import modeling_llama4
+    from llama4_sparse.modeling_llama4 import Llama4Config, Llama4TextConfig
+    from llama4_sparse.modeling_llama4.transformers_compat import to_transformers_config
 
     torch.manual_seed(0)
     Llama4ForConditionalGeneration(Llama4Config.from_preset("tiny")).save_pretrained(tmp_path / "ours")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from eval import evaluate
-from eval.cli import main
-from eval.data import DataError
-from eval.tasks.gsm8k import CHAT_INSTRUCTION
-from eval.tiny_model import cached_tiny_model
+from llama4_sparse.eval import evaluate
+from llama4_sparse.eval.cli import main
+from llama4_sparse.eval.data import DataError
+from llama4_sparse.eval.tasks.gsm8k import CHAT_INSTRUCTION
+from llama4_sparse.eval.tiny_model import cached_tiny_model
 
 SUBJECTS = "abstract_algebra,college_mathematics"
 
@@ -130,7 +130,7 @@ def _one_prediction(tmp_path):
 
 
 def test_cli_exits_non_zero_on_errors(tmp_path):
-    bad_task = subprocess.run([sys.executable, "-m", "eval", "--tasks", "mmlu,nonsense", "--model", str(tmp_path)],
+    bad_task = subprocess.run([sys.executable, "-m", "llama4_sparse.eval", "--tasks", "mmlu,nonsense", "--model", str(tmp_path)],
                               capture_output=True, text=True)
     assert bad_task.returncode != 0 and "unknown tasks ['nonsense']" in bad_task.stderr
     assert main(["--tasks", "mmlu"]) == 2  # neither a model nor predictions
@@ -217,7 +217,7 @@ def test_humaneval_refuses_without_isolation_and_runs_only_when_opted_out(tmp_pa
     pred = tmp_path / "pred.jsonl"
     pred.write_text(json.dumps({"task_id": "HumanEval/0", "completion": completion}) + "\n")
     env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "eval", "--tasks", "humaneval", "--limit", "1", "--predictions", str(pred)]
+    cmd = [sys.executable, "-m", "llama4_sparse.eval", "--tasks", "humaneval", "--limit", "1", "--predictions", str(pred)]
     refused = subprocess.run([*cmd, "--output-dir", str(tmp_path / "refused")], env=env, capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode != 0

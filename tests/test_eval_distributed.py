@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from eval import evaluate
-from eval.tiny_model import cached_tiny_model
+from llama4_sparse.eval import evaluate
+from llama4_sparse.eval.tiny_model import cached_tiny_model
 
 
 def free_port() -> int:
@@ -26,7 +26,7 @@ def test_two_processes_match_one(tmp_path, shared_data):
     # MULTI_GPU is the launcher mode that starts several processes; without GPUs they run on CPU over gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "eval"]
+              "--main_process_port", str(free_port()), "-m", "llama4_sparse.eval"]
     done = subprocess.run([*launch, *args, "--output-dir", str(tmp_path / "two")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     single = evaluate(str(model), tasks=["mmlu", "gsm8k_cot"], limit=3, mmlu_subjects=["anatomy", "virology"],

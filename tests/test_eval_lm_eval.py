@@ -13,9 +13,9 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.model import LM  # noqa: E402
 
-from eval import evaluate  # noqa: E402
-from eval.tasks import GSM8K, GSM8KCoT, MMLU  # noqa: E402
-from eval.tiny_model import cached_tiny_model  # noqa: E402
+from llama4_sparse.eval import evaluate  # noqa: E402
+from llama4_sparse.eval.tasks import GSM8K, GSM8KCoT, MMLU  # noqa: E402
+from llama4_sparse.eval.tiny_model import cached_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ["abstract_algebra", "high_school_european_history"]

@@ -5,7 +5,7 @@ from math import comb
 
 import pytest
 
-from eval import metrics
+from llama4_sparse.eval import metrics
 
 TRICKY = [
     "Natalia sold 48 clips.\n#### 72",

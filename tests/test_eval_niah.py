@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-import eval as harness
-from eval.cli import main as cli_main
-from eval.tasks.niah import INSTRUCTION, NEEDLE, NIAH
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from recipes.data.retrieval import retrieval_batch
-from tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+import llama4_sparse.eval as harness
+from llama4_sparse.eval.cli import main as cli_main
+from llama4_sparse.eval.tasks.niah import INSTRUCTION, NEEDLE, NIAH
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.recipes.data.retrieval import retrieval_batch
+from llama4_sparse.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ shared-prefix cache, at any batch size."""
 import pytest
 import torch
 
-from eval.runner import ModelRunner, common_prefix_length
-from eval.tiny_model import cached_tiny_model
+from llama4_sparse.eval.runner import ModelRunner, common_prefix_length
+from llama4_sparse.eval.tiny_model import cached_tiny_model
 
 HEADER = "The following are multiple choice questions (with answers) about algebra.\n\n"
 SHOT = "Find x if 2x = 6.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"

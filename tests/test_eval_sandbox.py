@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import sandbox
-from eval.sandbox import Limits, SandboxUnavailable, Verdict, isolation_level, run_program, run_programs
+from llama4_sparse.eval import sandbox
+from llama4_sparse.eval.sandbox import Limits, SandboxUnavailable, Verdict, isolation_level, run_program, run_programs
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3"

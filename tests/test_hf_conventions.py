@@ -7,7 +7,7 @@ import torch
 from text_factory import our_model, reference_twin, tiny_config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from modeling_llama4.rope import supported_rope_types
+from llama4_sparse.modeling_llama4.rope import supported_rope_types
 
 HEAD_PAIRS = 8  # tiny_config: head_dim 16
 # Parameters for each type (tiny_config's max_position_embeddings is 512; the prompt below is 40 tokens, past the
@@ -75,7 +75,7 @@ def test_rotary_embedding_takes_x_and_position_ids_as_transformers(rope_type):
     ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}, "Llama 4 rotates every channel pair"),
 ])
 def test_unusable_rope_parameters_raise_clear_errors(fields, message):
-    from modeling_llama4 import Llama4TextConfig
+    from llama4_sparse.modeling_llama4 import Llama4TextConfig
 
     with pytest.raises(ValueError, match=message):
         Llama4TextConfig.from_preset("tiny", rope_parameters=fields)
@@ -84,7 +84,7 @@ def test_unusable_rope_parameters_raise_clear_errors(fields, message):
 def test_outputs_are_captured_as_transformers_captures_them():
     from transformers.utils.output_capturing import OutputRecorder
 
-    from modeling_llama4 import Llama4ForCausalLM
+    from llama4_sparse.modeling_llama4 import Llama4ForCausalLM
 
     assert set(Llama4ForCausalLM._can_record_outputs) == {"hidden_states", "attentions", "router_logits"}
     assert all(isinstance(spec, OutputRecorder) for spec in Llama4ForCausalLM._can_record_outputs.values())

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_llama4 import Llama4ImageProcessor
-from modeling_llama4.image_processing import candidate_canvases, resized_size
-from modeling_llama4.processing import image_layout, image_token_count
+from llama4_sparse.modeling_llama4 import Llama4ImageProcessor
+from llama4_sparse.modeling_llama4.image_processing import candidate_canvases, resized_size
+from llama4_sparse.modeling_llama4.processing import image_layout, image_token_count
 
 TILE = 336
 

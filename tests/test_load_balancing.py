@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from modeling_llama4.load_balancing import ExpertBiasCallback
-from modeling_llama4.moe import Llama4TextMoe
+from llama4_sparse.modeling_llama4.load_balancing import ExpertBiasCallback
+from llama4_sparse.modeling_llama4.moe import Llama4TextMoe
 from text_factory import our_model, tiny_config
 
 

@@ -11,8 +11,8 @@ import torch
 from text_factory import our_model, reference_twin, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_llama4 import chunked_attention
-from modeling_llama4.chunked_attention import AttentionLayout, build_layouts, linear_memory_attention
+from llama4_sparse.modeling_llama4 import chunked_attention
+from llama4_sparse.modeling_llama4.chunked_attention import AttentionLayout, build_layouts, linear_memory_attention
 
 TOLERANCE = 1e-5
 
@@ -175,7 +175,7 @@ def test_bad_inputs_name_the_problem():
 
 _MEMORY_PROBE = """
 import json, resource, sys, torch
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 torch.set_num_threads(1)
 length, attn = int(sys.argv[1]), sys.argv[2]
 config = Llama4TextConfig.from_preset("tiny", max_position_embeddings=length, prefill_chunk_size=2048)
@@ -204,7 +204,7 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
 
 
 def test_kv_cache_bytes_formula_matches_a_real_cache():
-    from modeling_llama4.chunked_attention import kv_cache_bytes
+    from llama4_sparse.modeling_llama4.chunked_attention import kv_cache_bytes
 
     fast = our_model(tiny_config("scout", "sdpa", prefill_chunk_size=16))
     for length in (5, 8, 37):

@@ -9,9 +9,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as HFTextConfig
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe as HFTextMoe
 
-from modeling_llama4.configuration_llama4 import Llama4TextConfig
-from modeling_llama4.experts import _LoopGroupedMatmul, count_tokens, select_kernel
-from modeling_llama4.moe import Llama4TextMoe, expert_load_metrics, route, update_expert_bias
+from llama4_sparse.modeling_llama4.configuration_llama4 import Llama4TextConfig
+from llama4_sparse.modeling_llama4.experts import _LoopGroupedMatmul, count_tokens, select_kernel
+from llama4_sparse.modeling_llama4.moe import Llama4TextMoe, expert_load_metrics, route, update_expert_bias
 
 IMPLEMENTATIONS = ["auto", "loop", "grouped_mm", "padded", "batched", "dense"]
 

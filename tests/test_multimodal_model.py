@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, parameter_counts
-from modeling_llama4.modeling_multimodal import Llama4MultimodalBackbone
-from modeling_llama4.processing import image_layout
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, parameter_counts
+from llama4_sparse.modeling_llama4.modeling_multimodal import Llama4MultimodalBackbone
+from llama4_sparse.modeling_llama4.processing import image_layout
 
 # Token ids of the tiny preset: 4096 BPE ranks, then the specials at the official offsets.
 SPECIAL = {"<|image_start|>": 4176, "<|image_end|>": 4177, "<|tile_x_separator|>": 4180,

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 from trl import SFTConfig, SFTTrainer
 
-from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+from llama4_sparse.tokenizer import load_tokenizer
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 

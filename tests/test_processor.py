@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
-from modeling_llama4.video import sample_frame_indices
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+from llama4_sparse.modeling_llama4.video import sample_frame_indices
+from llama4_sparse.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_a_plain_fast_tokenizer_gives_the_same_chat_inputs(tiny, tokenizer):
     """Official checkpoints ship a plain PreTrainedTokenizerFast: the generic chat path must agree."""
     from transformers import PreTrainedTokenizerFast
 
-    from tokenizer import DEFAULT_TOKENIZER_DIR
+    from llama4_sparse.tokenizer import DEFAULT_TOKENIZER_DIR
 
     plain = PreTrainedTokenizerFast(
         tokenizer_file=f"{DEFAULT_TOKENIZER_DIR}/tokenizer.json", chat_template=tokenizer.chat_template,

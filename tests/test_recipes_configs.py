@@ -9,9 +9,9 @@ from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
-import modeling_llama4
-from recipes.common import RecipeArguments, parse_recipe
-from recipes.grpo import GRPOArguments
+from llama4_sparse import modeling_llama4
+from llama4_sparse.recipes.common import RecipeArguments, parse_recipe
+from llama4_sparse.recipes.grpo import GRPOArguments
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHODS = {"sft": (SFTConfig, RecipeArguments), "dpo": (DPOConfig, RecipeArguments),

@@ -5,12 +5,12 @@ import re
 
 import pytest
 
-from eval.sandbox import run_programs
-from recipes.data.arithmetic import FAMILIES, generate_problems
-from recipes.data.preferences import corrupt, preference_rows
-from recipes.data.programs import generate_program_tasks
-from recipes.data.rejection_sampling import verified_rows
-from recipes.data.shapes import COLORS, generate_scenes
+from llama4_sparse.eval.sandbox import run_programs
+from llama4_sparse.recipes.data.arithmetic import FAMILIES, generate_problems
+from llama4_sparse.recipes.data.preferences import corrupt, preference_rows
+from llama4_sparse.recipes.data.programs import generate_program_tasks
+from llama4_sparse.recipes.data.rejection_sampling import verified_rows
+from llama4_sparse.recipes.data.shapes import COLORS, generate_scenes
 
 
 def _evaluate_chain(reasoning: str) -> int:
@@ -123,7 +123,7 @@ def _story_value(question: str) -> int:
 
 
 def test_chain_problems_have_the_asked_steps_a_distractor_and_answers_that_replay_from_the_story():
-    from tokenizer import load_tokenizer
+    from llama4_sparse.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     for steps in ((3, 3), (3, 5)):

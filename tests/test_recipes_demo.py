@@ -1,12 +1,12 @@
-"""`python -m recipes.demo` end to end with a few steps: every stage is scored by the eval harness on
+"""`python -m llama4_sparse.recipes.demo` end to end with a few steps: every stage is scored by the eval harness on
 held-out problems that no training split contains, and the table, results and plot are written."""
 
 import json
 
 import pytest
 
-from recipes import demo
-from recipes.data.arithmetic import generate_problems
+from llama4_sparse.recipes import demo
+from llama4_sparse.recipes.data.arithmetic import generate_problems
 
 QUICK = ["--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8", "--num_passk", "4", "--sft_curve_every", "2",
          "--rl_curve_every", "1", "--curve_problems", "4",

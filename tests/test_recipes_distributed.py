@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_llama4 import Llama4ForCausalLM
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny"
@@ -111,10 +111,10 @@ def test_a_launch_that_would_train_unsharded_is_refused(tmp_path):
 def test_zero3_on_cpu_shards_and_matches_one_process(tmp_path):
     """DeepSpeed ZeRO-3 with the MoE block as a leaf, 2 CPU processes vs one, from the same saved weights
     (ZeRO-3 initialises a preset model partition by partition, so a preset would start from other values)."""
-    from tokenizer import load_tokenizer
+    from llama4_sparse.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    from modeling_llama4 import Llama4TextConfig
+    from llama4_sparse.modeling_llama4 import Llama4TextConfig
 
     Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")).save_pretrained(tmp_path / "init")
     load_tokenizer().save_pretrained(tmp_path / "init")

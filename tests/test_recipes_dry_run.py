@@ -4,9 +4,9 @@ memory estimate splits as the accelerate config says."""
 
 import pytest
 
-from modeling_llama4 import Llama4TextConfig
-from recipes import sft
-from recipes.dry_run import GIB
+from llama4_sparse.modeling_llama4 import Llama4TextConfig
+from llama4_sparse.recipes import sft
+from llama4_sparse.recipes.dry_run import GIB
 
 CONFIGS = "recipes/configs"
 FSDP2 = "recipes/accelerate_configs/fsdp2.yaml"

@@ -3,7 +3,7 @@ the TRL adapter that recovers the thinking markers from token ids."""
 
 import pytest
 
-from recipes.rewards import (
+from llama4_sparse.recipes.rewards import (
     THINK_END,
     THINK_START,
     accuracy_reward,
@@ -12,7 +12,7 @@ from recipes.rewards import (
     format_reward,
     length_penalty,
 )
-from tokenizer import load_tokenizer
+from llama4_sparse.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def test_trl_adapter_recovers_markers_from_token_ids(tokenizer):
 
 
 def test_code_reward_runs_answers_in_the_sandbox_and_refuses_without_isolation(monkeypatch, tmp_path):
-    from eval.sandbox import SandboxUnavailable
-    from recipes.rewards import code_reward
+    from llama4_sparse.eval.sandbox import SandboxUnavailable
+    from llama4_sparse.recipes.rewards import code_reward
 
     answer = THINK_START + "plan" + THINK_END + "```python\ndef double(x):\n    return 2 * x\n```"
     wrong = THINK_START + "plan" + THINK_END + "```python\ndef double(x):\n    return x\n```"

@@ -8,14 +8,14 @@ import pytest
 import torch
 from trl import GRPOConfig, SFTConfig
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4ForSequenceClassification, Llama4TextConfig
-from recipes import grpo, online_dpo, reward, sft
-from recipes.callbacks import HeldOutEvalCallback, sampled_pass_at_k, write_heldout
-from recipes.common import parse_recipe
-from recipes.data.arithmetic import generate_problems
-from recipes.learned_reward import RewardModelScorer, assistant_turn
-from recipes.rewards import THINK_END, THINK_START
-from tokenizer import load_tokenizer
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4ForSequenceClassification, Llama4TextConfig
+from llama4_sparse.recipes import grpo, online_dpo, reward, sft
+from llama4_sparse.recipes.callbacks import HeldOutEvalCallback, sampled_pass_at_k, write_heldout
+from llama4_sparse.recipes.common import parse_recipe
+from llama4_sparse.recipes.data.arithmetic import generate_problems
+from llama4_sparse.recipes.learned_reward import RewardModelScorer, assistant_turn
+from llama4_sparse.recipes.rewards import THINK_END, THINK_START
+from llama4_sparse.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny"
@@ -117,7 +117,7 @@ def test_online_dpo_round_trains_on_the_policys_own_samples_and_chains_rounds(tm
 
 
 def test_step_reward_gives_partial_credit_for_the_gold_chain_steps_in_order():
-    from recipes.step_rewards import step_reward
+    from llama4_sparse.recipes.step_rewards import step_reward
 
     problem = generate_problems(1, seed=0, families=("chain",))[0]
     gold = [problem.gsm8k_row()["answer"]]

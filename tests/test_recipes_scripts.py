@@ -16,13 +16,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from trl import DPOConfig, GRPOConfig, SFTConfig
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from recipes import dpo, grpo, sft
-from recipes.common import parse_recipe
-from recipes.data.arithmetic import generate_problems
-from recipes.data.preferences import on_policy_rows
-from recipes.grpo import GRPOArguments
-from recipes.rewards import THINK_END, THINK_START
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.recipes import dpo, grpo, sft
+from llama4_sparse.recipes.common import parse_recipe
+from llama4_sparse.recipes.data.arithmetic import generate_problems
+from llama4_sparse.recipes.data.preferences import on_policy_rows
+from llama4_sparse.recipes.grpo import GRPOArguments
+from llama4_sparse.recipes.rewards import THINK_END, THINK_START
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny"
@@ -209,9 +209,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 def test_reward_model_learns_to_rank_verified_chains_above_corrupted_ones(tmp_path):
-    from recipes import reward
+    from llama4_sparse.recipes import reward
 
-    from modeling_llama4 import Llama4ForSequenceClassification
+    from llama4_sparse.modeling_llama4 import Llama4ForSequenceClassification
 
     out = tmp_path / "reward"
     reward.main(["--config", str(TINY / "reward.yaml"), "--num_train_examples", "8", "--save_strategy", "no",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as mixtral_loss
 
-from modeling_llama4.configuration_llama4 import Llama4TextConfig
-from modeling_llama4.router_losses import load_balancing_loss, router_z_loss
+from llama4_sparse.modeling_llama4.configuration_llama4 import Llama4TextConfig
+from llama4_sparse.modeling_llama4.router_losses import load_balancing_loss, router_z_loss
 
 
 def make_config(num_experts: int = 8, top_k: int = 1) -> Llama4TextConfig:

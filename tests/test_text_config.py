@@ -5,9 +5,9 @@ import torch
 from transformers import Llama4TextConfig as ReferenceTextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from modeling_llama4 import Llama4Config, Llama4TextConfig, parameter_counts
-from modeling_llama4.rope import rope_inverse_frequencies
-from modeling_llama4.transformers_compat import from_transformers_config, to_transformers_config
+from llama4_sparse.modeling_llama4 import Llama4Config, Llama4TextConfig, parameter_counts
+from llama4_sparse.modeling_llama4.rope import rope_inverse_frequencies
+from llama4_sparse.modeling_llama4.transformers_compat import from_transformers_config, to_transformers_config
 
 
 def dense_formula(c: Llama4TextConfig) -> tuple[int, int]:

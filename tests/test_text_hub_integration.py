@@ -11,7 +11,7 @@ import transformers
 from text_factory import our_model, reference_twin, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from modeling_llama4 import (
+from llama4_sparse.modeling_llama4 import (
     Llama4ForCausalLM,
     Llama4ForSequenceClassification,
     Llama4TextConfig,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from text_factory import our_model, reference_twin, tiny_config
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4ForSequenceClassification
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4ForSequenceClassification
 
 TOLERANCE = 1e-4
 
@@ -62,7 +62,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_router_logits_and_router_losses_enter_the_loss():
-    from modeling_llama4.router_losses import load_balancing_loss, router_z_loss
+    from llama4_sparse.modeling_llama4.router_losses import load_balancing_loss, router_z_loss
 
     config = tiny_config("maverick", "sdpa", router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
     model = our_model(config)
@@ -201,7 +201,7 @@ def test_a_bfloat16_model_runs_and_stays_close_to_fp32():
 
 
 def test_attention_temperature_follows_the_published_formula():
-    from modeling_llama4.attention import attention_temperature
+    from llama4_sparse.modeling_llama4.attention import attention_temperature
 
     positions = torch.tensor([[0, 8190, 8191, 65535, 1_048_575, 10_485_759]])
     scale = attention_temperature(positions, floor_scale=8192, attn_scale=0.1)[0].tolist()

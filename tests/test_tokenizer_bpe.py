@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe as _load_tiktoken_bpe
 from transformers import AutoTokenizer
 
-from tokenizer import DEFAULT_TOKENIZER_DIR, SPECIAL_TOKEN_NAMES, Llama4Tokenizer, load_tokenizer
-from tokenizer.byte_level_bpe import O200K_PATTERN, build_backend, validate_ranks, write_tiktoken_ranks
-from tokenizer.convert_tiktoken import main as convert_main
-from tokenizer.special_tokens import special_token_ids
-from tokenizer.train_bpe import main as train_main
-from tokenizer.train_bpe import train_ranks
+from llama4_sparse.tokenizer import DEFAULT_TOKENIZER_DIR, SPECIAL_TOKEN_NAMES, Llama4Tokenizer, load_tokenizer
+from llama4_sparse.tokenizer.byte_level_bpe import O200K_PATTERN, build_backend, validate_ranks, write_tiktoken_ranks
+from llama4_sparse.tokenizer.convert_tiktoken import main as convert_main
+from llama4_sparse.tokenizer.special_tokens import special_token_ids
+from llama4_sparse.tokenizer.train_bpe import main as train_main
+from llama4_sparse.tokenizer.train_bpe import train_ranks
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -133,7 +133,7 @@ def test_shipped_default_loads_offline_with_autotokenizer(monkeypatch):
 
 
 def test_default_matches_tiny_model_preset(default_pair):
-    from modeling_llama4 import Llama4TextConfig
+    from llama4_sparse.modeling_llama4 import Llama4TextConfig
 
     config = Llama4TextConfig.from_preset("tiny")
     tokenizer, _ = default_pair
@@ -166,7 +166,7 @@ def test_bad_ranks_are_rejected_with_the_reason():
 
 
 def test_build_default_reproduces_the_shipped_files():
-    from tokenizer.build_default import main as build_main
+    from llama4_sparse.tokenizer.build_default import main as build_main
 
     shipped = json.loads((Path(DEFAULT_TOKENIZER_DIR) / "build_info.json").read_text(encoding="utf-8"))
     if shipped["python"] != platform.python_version():

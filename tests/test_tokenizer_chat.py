@@ -6,7 +6,7 @@ import pytest
 import torch
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from tokenizer import ChatRendering, load_tokenizer
+from llama4_sparse.tokenizer import ChatRendering, load_tokenizer
 
 # Rendered by transformers' official Llama 4 template for this conversation (architecture brief §4).
 OFFICIAL_CONVERSATION = [

@@ -5,8 +5,8 @@ import torch
 import transformers
 from transformers.models.llama4.modeling_llama4 import Llama4VisionModel as ReferenceVisionModel
 
-from modeling_llama4 import Llama4VisionConfig, Llama4VisionModel
-from modeling_llama4.vision_rope import vision_rotary_angles
+from llama4_sparse.modeling_llama4 import Llama4VisionConfig, Llama4VisionModel
+from llama4_sparse.modeling_llama4.vision_rope import vision_rotary_angles
 
 
 def reference_config(config: Llama4VisionConfig) -> transformers.Llama4VisionConfig:

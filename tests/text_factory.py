@@ -3,8 +3,8 @@
 import torch
 from transformers import Llama4ForCausalLM as ReferenceForCausalLM
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.transformers_compat import to_transformers_config
+from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from llama4_sparse.modeling_llama4.transformers_compat import to_transformers_config
 
 # Layer patterns of the two official models at 4 layers: layer 3 is NoPE in both.
 PATTERNS = {

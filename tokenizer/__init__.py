@@ -20,7 +20,7 @@ def load_tokenizer(path: str | Path | None = None) -> Llama4Tokenizer:
     folder = Path(path) if path is not None else Path(DEFAULT_TOKENIZER_DIR)
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {folder}; pass a folder written by save_pretrained, or "
-                                "rebuild the default with `python -m tokenizer.build_default`")
+                                "rebuild the default with `python -m llama4_sparse.tokenizer.build_default`")
     return Llama4Tokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

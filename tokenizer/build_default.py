@@ -1,7 +1,7 @@
 """Rebuild (or verify) the shipped default tokenizer in ``tokenizer/default/``.
 
-    python -m tokenizer.build_default            # rewrite tokenizer/default/
-    python -m tokenizer.build_default --check    # rebuild in a temporary folder and compare
+    python -m llama4_sparse.tokenizer.build_default            # rewrite tokenizer/default/
+    python -m llama4_sparse.tokenizer.build_default --check    # rebuild in a temporary folder and compare
 
 4096 BPE ranks learned from ``default_corpus`` (stdlib sources + generated word problems), then the
 2048 special tokens at 4096..6143. The folder gets the HF files, ``tokenizer.model`` (the ranks in

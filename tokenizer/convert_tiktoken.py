@@ -1,6 +1,6 @@
 """Convert Meta's tiktoken-format ``tokenizer.model`` into HF files that encode exactly like tiktoken.
 
-    python -m tokenizer.convert_tiktoken path/to/tokenizer.model --output llama4_tokenizer/
+    python -m llama4_sparse.tokenizer.convert_tiktoken path/to/tokenizer.model --output llama4_tokenizer/
 
 The input is one ``<base64 token> <rank>`` line per BPE token (200,000 for Llama 4). The output uses
 the o200k pre-tokenizer (``--pattern`` to override), puts the 2048 Llama 4 special tokens at

@@ -1,7 +1,7 @@
 """Train a byte-level BPE with Llama 4's pre-tokenizer and special-token layout.
 
-    python -m tokenizer.train_bpe --num-ranks 8192 --files corpus/*.txt --output my_tokenizer/
-    python -m tokenizer.train_bpe --num-ranks 8192 --dataset data.jsonl --text-column text --output my_tokenizer/
+    python -m llama4_sparse.tokenizer.train_bpe --num-ranks 8192 --files corpus/*.txt --output my_tokenizer/
+    python -m llama4_sparse.tokenizer.train_bpe --num-ranks 8192 --dataset data.jsonl --text-column text --output my_tokenizer/
 
 ``--num-ranks`` counts the BPE tokens (the 256 bytes included); the 2048 special tokens follow at
 ``num_ranks + offset``, so the vocabulary is ``num_ranks + 2048``. The output folder holds the HF files

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from eval.tasks.niah import NEEDLE, QUESTION, haystack_document
+from llama4_sparse.eval.tasks.niah import NEEDLE, QUESTION, haystack_document
 
 
 def retrieval_example(tokenizer, rng: random.Random, length: int, max_keys: int = 4, digits: int = 7) -> dict:
