@@ -261,6 +261,10 @@ class Llama4Processor(ProcessorMixin):
             pad_kwargs = {k: v for k, v in tokenizer_kwargs.items()
                           if k in ("padding", "padding_side", "pad_to_multiple_of", "max_length")}
             pad_kwargs.setdefault("padding", True)
+            if pad_kwargs["padding"] != "max_length":
+                # Truncation happened above; max_length here only sizes "max_length" padding (passed with
+                # padding=True it makes transformers warn that it is ignored).
+                pad_kwargs.pop("max_length", None)
             padded = self.tokenizer.pad({"input_ids": ids}, **pad_kwargs)
             side = pad_kwargs.get("padding_side", self.tokenizer.padding_side)
             if assistant_masks is not None:

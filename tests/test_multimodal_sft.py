@@ -35,7 +35,7 @@ def test_sft_step_updates_the_vision_tower(tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True, bf16=False,
-        report_to="none", learning_rate=1e-3, save_strategy="no", max_length=None,
+        report_to="none", learning_rate=1e-3, save_strategy="no", max_length=None, activation_checkpointing=False,
         # the loss sees only the replies, so the tower learns through attention alone
         assistant_only_loss=True,
     )

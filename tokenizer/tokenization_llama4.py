@@ -160,7 +160,9 @@ class Llama4Tokenizer(PreTrainedTokenizerFast):
             start = (lambda seq: 0) if self.truncation_side == "right" else (lambda seq: max(0, len(seq) - limit))
             input_ids = [ids[start(ids): start(ids) + limit] for ids in input_ids]
             masks = [mask[start(mask): start(mask) + limit] for mask in masks]
-        out = self.pad({"input_ids": input_ids}, padding=padding, max_length=max_length, **pad_kwargs)
+        # Truncated above: max_length only sizes "max_length" padding (else transformers warns it is ignored).
+        out = self.pad({"input_ids": input_ids}, padding=padding,
+                       max_length=max_length if padding == "max_length" else None, **pad_kwargs)
         data = dict(out)
         if return_assistant_tokens_mask:
             side = pad_kwargs.get("padding_side", self.padding_side)
