@@ -18,6 +18,11 @@ shard already receives, through the all-to-all, the gradients of the tokens of a
 reduce-scatter runs over only W / N ranks, so its divide factor is set to W, not W / N: otherwise experts would train
 with N times the learning rate.
 
+Loading: accelerate's `fsdp_cpu_ram_efficient_loading` means rank 0's full weights are broadcast into every rank's
+shards, and other ranks may hold only meta placeholders (transformers 5.25 on 2 CPU processes still loaded real
+weights on rank 1: the log says how many placeholders each rank had). The split and the sharding work on either;
+then rank 0's full state dict is broadcast into the shards, as accelerate does for plain FSDP2.
+
 Saving: the expert weights are DTensors on the 2-D mesh, so a full state dict (`full_tensor`) holds all E experts
 under the official names and shapes: the final folder is a normal checkpoint, and sharded checkpoints
 (torch.distributed.checkpoint) record every shard.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -68,6 +74,7 @@ def check_expert_parallel(trainer, expert_parallel_size: int) -> None:
 
 def shard_with_expert_parallel(trainer, expert_parallel_size: int) -> nn.Module:
     """Apply EP and FSDP2 to `trainer.model` in place, before `trainer.train()` prepares it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -79,7 +86,18 @@ def shard_with_expert_parallel(trainer, expert_parallel_size: int) -> nn.Module:
                             mesh_dim_names=("dp_mod_ep", "ep"))
     # All W ranks for the dense parameters, flattened from the same root so every DTensor shares one device tree.
     dense_mesh = mesh._flatten("dp")
-    model = trainer.model.to(device)
+    model = trainer.model
+    if trainer.accelerator.mixed_precision != "no":
+        # fp32 master weights, as accelerate's FSDP2 preparation gives; the policy casts for compute.
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(torch.float32)
+    full = model.state_dict() if dist.get_rank() == 0 else {}
+    placeholders = sum(p.is_meta for p in model.parameters())
+    # Not in any state dict, so not broadcast: kept through to_empty (transformers gives every rank real values).
+    keep = {f"{owner}.{name}".lstrip("."): buffer.detach().clone() for owner, module in model.named_modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None and name in module._non_persistent_buffers_set}
     apply_expert_parallel(model, mesh=mesh["ep"])
     kwargs = {"reshard_after_forward": plugin.reshard_after_forward,
               "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
@@ -92,6 +110,13 @@ def shard_with_expert_parallel(trainer, expert_parallel_size: int) -> nn.Module:
         if type(module).__name__ in layer_names:
             fully_shard(module, mesh=dense_mesh, **kwargs)
     fully_shard(model, mesh=dense_mesh, **kwargs)
+    model.to_empty(device=device)
+    for name, buffer in keep.items():
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attribute, buffer.to(device), persistent=False)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    logger.info("rank %d: %d of %d parameter tensors were meta placeholders; every shard now holds rank 0's weights",
+                dist.get_rank(), placeholders, len(list(model.parameters())))
     logger.info("expert parallel: %d experts per rank over ep=%d, experts FSDP2-sharded over dp_mod_ep=%d, the rest "
                 "over all %d ranks", next(m.num_local_experts for m in model.modules()
                                           if isinstance(m, ExpertParallelExperts)),
