@@ -59,7 +59,9 @@ class ExpertParallelExperts(nn.Module):
         local = [experts.gate_up_proj.detach()[own].clone(), experts.down_proj.detach()[own].clone()]
         if mesh is not None:
             local = [DTensor.from_local(w, mesh, [Shard(0)], run_check=False) for w in local]
-        self.gate_up_proj, self.down_proj = (nn.Parameter(w) for w in local)
+        # Frozen experts (LoRA elsewhere) stay frozen: a new Parameter would default to trainable.
+        self.gate_up_proj, self.down_proj = (nn.Parameter(w, requires_grad=original.requires_grad)
+                                             for w, original in zip(local, (experts.gate_up_proj, experts.down_proj)))
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_scores: torch.Tensor,
                 implementation: str = "auto") -> torch.Tensor:

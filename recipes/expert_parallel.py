@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llama4_sparse.modeling_llama4.experts import Llama4TextExperts
 from llama4_sparse.modeling_llama4.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 
 logger = logging.getLogger("recipes")
@@ -63,7 +64,11 @@ def check_expert_parallel(trainer, expert_parallel_size: int) -> None:
         raise ValueError("expert_parallel_size > 1 with fsdp_activation_checkpointing is not supported; use the "
                          "recipe's gradient_checkpointing instead")
     experts = {m.experts.num_experts for m in trainer.model.modules()
-               if hasattr(getattr(m, "experts", None), "num_experts")}
+               if isinstance(getattr(m, "experts", None), Llama4TextExperts)}
+    if any(isinstance(m, Llama4TextExperts) for m in trainer.model.modules()) and not experts:
+        # PEFT's parameter adapters (lora_experts) wrap the experts module: splitting it would leave them behind.
+        raise ValueError("expert_parallel_size > 1 cannot split experts that carry LoRA adapters; set "
+                         "lora_experts: false (LoRA on attention and the shared expert still trains) or use_peft: false")
     if not experts:
         raise ValueError("expert_parallel_size > 1, but the model has no routed experts to split")
     for count in experts:

@@ -105,6 +105,39 @@ def test_expert_parallel_resumes_from_a_sharded_checkpoint(runs):
     torch.testing.assert_close(_logits(root / "resumed"), _logits(root / "ep"), rtol=1e-5, atol=1e-5)
 
 
+def test_expert_parallel_with_lora_matches_one_process(tmp_path):
+    """LoRA on attention and the shared expert of a saved model (Maverick's case); the frozen routed experts are
+    split. Dropout 0, so every rank computes what one process does."""
+    from llama4_sparse.modeling_llama4 import Llama4TextConfig
+    from llama4_sparse.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")).save_pretrained(tmp_path / "init")
+    load_tokenizer().save_pretrained(tmp_path / "init")
+    lora = ["--model_name_or_path", str(tmp_path / "init"), "--use_peft", "true", "--lora_experts", "false", "--lora_r", "8", "--lora_dropout", "0",
+            "--learning_rate", "1e-2", "--save_strategy", "no"]
+    ep = _launch("--expert_parallel_size", "2", *lora, "--output_dir", str(tmp_path / "ep"))
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *COMMON, *lora,
+                             "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single")],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _history(tmp_path / "ep", "loss") == pytest.approx(_history(tmp_path / "single", "loss"), rel=1e-4)
+    from safetensors.torch import load_file
+
+    mine, reference = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ep", "single"))
+    assert mine.keys() == reference.keys() and len(mine) > 0
+    for name, weight in reference.items():
+        torch.testing.assert_close(mine[name], weight, rtol=0, atol=2e-3, msg=name)
+
+
+def test_expert_parallel_with_lora_on_the_experts_is_refused(tmp_path):
+    refused = _launch("--expert_parallel_size", "2", "--use_peft", "true", "--lora_dropout", "0", "--save_strategy",
+                      "no", "--output_dir", str(tmp_path / "refused"))
+    assert refused.returncode != 0
+    assert "cannot split experts that carry LoRA adapters; set lora_experts: false" in refused.stderr
+
+
 def test_expert_parallel_without_fsdp2_is_refused(tmp_path):
     ddp = _launch("--expert_parallel_size", "2", "--save_strategy", "no", "--output_dir", str(tmp_path / "ddp"),
                   config=CONFIGS / "ddp_cpu.yaml")
