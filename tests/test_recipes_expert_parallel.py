@@ -25,9 +25,13 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _launch(*args, config=CONFIGS / "fsdp2_ep_cpu.yaml") -> subprocess.CompletedProcess:
+def _common(recipe_config: Path | None) -> list[str]:
+    return COMMON if recipe_config is None else ["--config", str(recipe_config), *COMMON[2:]]
+
+
+def _launch(*args, config=CONFIGS / "fsdp2_ep_cpu.yaml", recipe_config=None) -> subprocess.CompletedProcess:
     return subprocess.run(["accelerate", "launch", "--config_file", str(config), str(REPO / "recipes" / "sft.py"),
-                           *COMMON, "--per_device_train_batch_size", "4", *args],
+                           *_common(recipe_config), "--per_device_train_batch_size", "4", *args],
                           env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -45,10 +49,14 @@ def _logits(run: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ep")
+    # Aux-loss-free balancing too: its bias must see the global expert load on every rank.
+    balanced = root / "sft_balanced.yaml"
+    balanced.write_text((TINY / "sft.yaml").read_text() + "model_overrides: {moe_load_balancing: aux_loss_free}\n")
     ep = _launch("--expert_parallel_size", "2", "--save_strategy", "steps", "--save_steps", "2",
-                 "--output_dir", str(root / "ep"))
-    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *COMMON, "--per_device_train_batch_size",
-                             "8", "--save_strategy", "no", "--output_dir", str(root / "single")],
+                 "--output_dir", str(root / "ep"), recipe_config=balanced)
+    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *_common(balanced),
+                             "--per_device_train_batch_size", "8", "--save_strategy", "no",
+                             "--output_dir", str(root / "single")],
                             env=_env(), capture_output=True, text=True, timeout=600)
     return root, ep, single
 
@@ -75,6 +83,8 @@ def test_expert_parallel_matches_one_process_with_the_same_global_batch(runs):
     mine = Llama4ForCausalLM.from_pretrained(root / "ep").state_dict()
     reference = Llama4ForCausalLM.from_pretrained(root / "single").state_dict()
     assert mine.keys() == reference.keys()
+    biases = [name for name in reference if name.endswith("expert_bias")]
+    assert biases and all(reference[name].abs().sum() > 0 for name in biases)  # the bias did move
     for name, weight in reference.items():
         torch.testing.assert_close(mine[name], weight, rtol=0, atol=2e-3, msg=name)
     torch.testing.assert_close(_logits(root / "ep"), _logits(root / "single"), rtol=1e-3, atol=1e-3)
@@ -99,7 +109,8 @@ def test_expert_parallel_resumes_from_a_sharded_checkpoint(runs):
     assert ep.returncode == 0, ep.stderr[-3000:]
     assert (root / "ep" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
     resumed = _launch("--expert_parallel_size", "2", "--save_strategy", "no", "--resume_from_checkpoint",
-                      str(root / "ep" / "checkpoint-2"), "--output_dir", str(root / "resumed"))
+                      str(root / "ep" / "checkpoint-2"), "--output_dir", str(root / "resumed"),
+                      recipe_config=root / "sft_balanced.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _history(root / "resumed", "loss")[-1] == pytest.approx(_history(root / "ep", "loss")[-1], rel=1e-5)
     torch.testing.assert_close(_logits(root / "resumed"), _logits(root / "ep"), rtol=1e-5, atol=1e-5)
