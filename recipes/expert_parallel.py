@@ -68,7 +68,8 @@ def check_expert_parallel(trainer, expert_parallel_size: int) -> None:
     if any(isinstance(m, Llama4TextExperts) for m in trainer.model.modules()) and not experts:
         # PEFT's parameter adapters (lora_experts) wrap the experts module: splitting it would leave them behind.
         raise ValueError("expert_parallel_size > 1 cannot split experts that carry LoRA adapters; set "
-                         "lora_experts: false (LoRA on attention and the shared expert still trains) or use_peft: false")
+                         "lora_experts: false (LoRA on attention and the shared expert still trains) or "
+                         "use_peft: false")
     if not experts:
         raise ValueError("expert_parallel_size > 1, but the model has no routed experts to split")
     for count in experts:

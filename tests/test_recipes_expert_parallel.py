@@ -125,7 +125,8 @@ def test_expert_parallel_with_lora_matches_one_process(tmp_path):
     torch.manual_seed(0)
     Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")).save_pretrained(tmp_path / "init")
     load_tokenizer().save_pretrained(tmp_path / "init")
-    lora = ["--model_name_or_path", str(tmp_path / "init"), "--use_peft", "true", "--lora_experts", "false", "--lora_r", "8", "--lora_dropout", "0",
+    lora = ["--model_name_or_path", str(tmp_path / "init"), "--use_peft", "true", "--lora_experts", "false",
+            "--lora_r", "8", "--lora_dropout", "0",
             "--learning_rate", "1e-2", "--save_strategy", "no"]
     ep = _launch("--expert_parallel_size", "2", *lora, "--output_dir", str(tmp_path / "ep"))
     assert ep.returncode == 0, ep.stderr[-3000:]
