@@ -97,9 +97,10 @@ class Llama4TextAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim)
-        value = self.v_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim)
+        # -1, not the config's head counts: under tensor parallelism q/k/v hold only this rank's heads.
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim)
 
         if self.use_rope:
             query = apply_rotary_emb(query, rotations)

@@ -74,6 +74,33 @@ class Llama4TextConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     # TRL and Mixtral-style losses read `num_experts`.
     attribute_map = {"num_experts": "num_local_experts"}
+    # `from_pretrained(..., tp_plan="auto")`: transformers' tensor-parallel styles by parameter/module name, relative
+    # to the backbone. Attention splits by heads (q/k/v by output rows, o by input columns: one all-reduce); the
+    # shared expert and dense MLPs likewise. The fused experts split along each expert's intermediate width:
+    # `gate_up_proj (E, D, 2F)` on its last dim with gate and up halves split separately (packed), `down_proj
+    # (E, F, D)` on F, and the experts module sums the partial outputs (one all-reduce). The router stays whole, so
+    # every rank routes every token alike and any experts kernel runs on its local slices.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.feed_forward.shared_expert.gate_proj": "colwise",
+        "layers.*.feed_forward.shared_expert.up_proj": "colwise",
+        "layers.*.feed_forward.shared_expert.down_proj": "rowwise",
+        "layers.*.feed_forward.experts.gate_up_proj": "packed_rowwise",
+        "layers.*.feed_forward.experts.down_proj": "colwise",
+        "layers.*.feed_forward.experts": "moe_tp_experts",
+        "layers.*.feed_forward.gate_proj": "colwise",
+        "layers.*.feed_forward.up_proj": "colwise",
+        "layers.*.feed_forward.down_proj": "rowwise",
+    }
+    # Pipeline stages: which backbone inputs each stage takes and what it hands on.
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,

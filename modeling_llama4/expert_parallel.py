@@ -16,9 +16,11 @@ returns gradients to the tokens' ranks and leaves each expert's weight gradient 
 the same global batch, the forward output and every gradient equal one process holding all experts
 (tests/test_expert_parallel.py, 2 processes over gloo).
 
-What it does not do yet: combine with FSDP2 or DDP inside the recipes (the non-expert parameters would need
-data-parallel gradient reduction while the expert shards must not be reduced), or save a checkpoint in the
-official layout (gather the shards first with `gather_experts`).
+Given a 1-D `DeviceMesh` instead of a bare process group, the expert weights become `DTensor`s sharded on dim 0
+over that mesh: `state_dict`/`full_tensor()`, torch.distributed.checkpoint and FSDP2 (which composes with such
+parameters as it does with tensor parallelism) then see all E experts under the official names and shapes, which is
+how the recipes save a normal checkpoint (`recipes/expert_parallel.py`). With a bare group the weights are plain
+local tensors; gather them with `gather_experts`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from .experts import LLAMA4_EXPERTS_KERNELS, Llama4TextExperts, select_kernel
 
@@ -34,8 +38,14 @@ from .experts import LLAMA4_EXPERTS_KERNELS, Llama4TextExperts, select_kernel
 class ExpertParallelExperts(nn.Module):
     """This rank's share of a `Llama4TextExperts`; same forward signature and result."""
 
-    def __init__(self, experts: Llama4TextExperts, group: dist.ProcessGroup | None = None):
+    def __init__(self, experts: Llama4TextExperts, group: dist.ProcessGroup | None = None,
+                 mesh: DeviceMesh | None = None):
         super().__init__()
+        if mesh is not None:
+            if mesh.ndim != 1:
+                raise ValueError(f"expert parallelism takes a 1-D mesh (the EP dimension), got {mesh.ndim}-D; pass "
+                                 f"e.g. mesh['ep']")
+            group = mesh.get_group()
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         rank = dist.get_rank(self.group)
@@ -46,8 +56,12 @@ class ExpertParallelExperts(nn.Module):
         self.num_local_experts = self.num_experts // self.world
         self.first_expert = rank * self.num_local_experts
         own = slice(self.first_expert, self.first_expert + self.num_local_experts)
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[own].clone())
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[own].clone())
+        local = [experts.gate_up_proj.detach()[own].clone(), experts.down_proj.detach()[own].clone()]
+        if mesh is not None:
+            local = [DTensor.from_local(w, mesh, [Shard(0)], run_check=False) for w in local]
+        # Frozen experts (LoRA elsewhere) stay frozen: a new Parameter would default to trainable.
+        self.gate_up_proj, self.down_proj = (nn.Parameter(w, requires_grad=original.requires_grad)
+                                             for w, original in zip(local, (experts.gate_up_proj, experts.down_proj)))
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_scores: torch.Tensor,
                 implementation: str = "auto") -> torch.Tensor:
@@ -67,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(received_experts, experts[order].contiguous(), recv, send, group=self.group)
         local_index = (received_experts - self.first_expert).unsqueeze(1)
 
-        gate_up_proj, down_proj = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        gate_up_proj, down_proj = (_local(w).to(x.dtype) for w in (self.gate_up_proj, self.down_proj))
         kernel = LLAMA4_EXPERTS_KERNELS[select_kernel(implementation, received, local_index, gate_up_proj)]
         # Each received row is one pair already scaled by its score: one expert, weight 1.
         outputs = kernel(received, local_index, torch.ones_like(local_index, dtype=x.dtype), gate_up_proj,
@@ -78,14 +92,21 @@ class ExpertParallelExperts(nn.Module):
         return unsorted.view(tokens, top_k, hidden).sum(1)
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Split the routed experts of every MoE layer of `model` across `group` (default: the world), in place."""
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    # The kernels compute on this rank's experts; to_local keeps the gradient flowing back into the DTensor.
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
+                          mesh: DeviceMesh | None = None) -> nn.Module:
+    """Split the routed experts of every MoE layer of `model` across `group` or the 1-D `mesh` (default: the
+    world), in place."""
     if not dist.is_initialized():
         raise RuntimeError("expert parallelism needs torch.distributed: initialise a process group first "
                            "(e.g. launch with torchrun or accelerate launch)")
     for module in list(model.modules()):
         if isinstance(getattr(module, "experts", None), Llama4TextExperts):
-            module.experts = ExpertParallelExperts(module.experts, group)
+            module.experts = ExpertParallelExperts(module.experts, group, mesh)
     return model
 
 
@@ -94,6 +115,6 @@ def gather_experts(experts: ExpertParallelExperts) -> tuple[torch.Tensor, torch.
     gathered = []
     for weight in (experts.gate_up_proj, experts.down_proj):
         parts = [torch.empty_like(weight) for _ in range(experts.world)]
-        dist.all_gather(parts, weight.detach().contiguous(), group=experts.group)
+        dist.all_gather(parts, _local(weight.detach()).contiguous(), group=experts.group)
         gathered.append(torch.cat(parts))
     return gathered[0], gathered[1]

@@ -302,6 +302,8 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # With tp_plan="auto": each rank computes its slice of the vocabulary, gathered into whole logits.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: Llama4TextConfig):
         super().__init__(config)

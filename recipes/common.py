@@ -84,6 +84,9 @@ class RecipeArguments:
                 "per-GPU memory estimate, and exit without training."})
     accelerate_config: str | None = field(default=None, metadata={
         "help": "Accelerate config the dry run estimates memory for (default: one process, no sharding)."})
+    expert_parallel_size: int = field(default=1, metadata={
+        "help": "Split the routed experts over this many ranks (all-to-all token exchange) under an FSDP2 launch, "
+                "the rest of the model FSDP2-sharded over all ranks (recipes/expert_parallel.py)."})
     save_merged: bool = field(default=False, metadata={
         "help": "With use_peft: also save the model with the trained adapters merged into its weights, with the "
                 "tokenizer, to OUTPUT_DIR/merged (loads with from_pretrained; PEFT not needed)."})
@@ -254,6 +257,10 @@ def run_recipe(method: str, training_config_class, make_trainer, args=None, argu
     enable_fsdp_on_cpu()
     trainer = make_trainer(recipe_args, training_args, model_args)
     check_parallelism(trainer)
+    if recipe_args.expert_parallel_size != 1:
+        from .expert_parallel import shard_with_expert_parallel
+
+        shard_with_expert_parallel(trainer, recipe_args.expert_parallel_size)
     trainer.add_callback(ShardingReport())
     return train_and_save(trainer, training_args, recipe_args, model_args, method)
 

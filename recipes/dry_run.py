@@ -7,6 +7,12 @@ the per-GPU memory is estimated from the parameter dtypes and the accelerate con
   (both in the parameter's dtype; PEFT keeps LoRA adapters in float32);
 * FSDP full shard / ZeRO-3 divide all of that by the number of processes, SHARD_GRAD_OP / ZeRO-2
   the gradients and moments, ZeRO-1 the moments only; DDP divides nothing;
+* sharded (FSDP full shard / ZeRO-3) weights are gathered for compute one layer at a time: the largest layer in
+  full, twice (the next one is prefetched), plus its unsharded gradients in backward ("gathered"). For a MoE layer
+  that is every routed expert: Maverick's 128 experts are ~30 GiB in bf16 per layer;
+* with `expert_parallel_size N` (recipes/expert_parallel.py) each rank holds E / N experts of every MoE layer:
+  the sharded states are the same (experts over N x W / N ranks, the rest over W), but a gathered MoE layer holds
+  only E / N experts; without sharding of the weights the experts are still split N ways;
 * activations under gradient checkpointing: every layer's input is kept (layers x tokens x hidden)
   plus one layer being recomputed (about 4 x hidden + 6 x expert width per token, top-k experts).
   The fused LM head computes logits in chunks, so they are left out. Treat this term as a lower bound.
@@ -57,6 +63,43 @@ def read_accelerate_config(path: str | None) -> Sharding:
     return Sharding(processes, "none", f"{kind} over {processes} processes (each holds a full replica)")
 
 
+def _check_expert_parallel(recipe_args: RecipeArguments, model_args, sharding: Sharding, config) -> int:
+    size = recipe_args.expert_parallel_size
+    if size == 1:
+        return 1
+    experts = config.get_text_config().num_local_experts
+    if not sharding.description.startswith("FSDP2"):
+        raise ValueError(f"expert_parallel_size {size} composes with FSDP2 only; pass --accelerate_config "
+                         f"recipes/accelerate_configs/fsdp2_ep.yaml (got: {sharding.description})")
+    if sharding.processes % size or experts % size:
+        raise ValueError(f"expert_parallel_size {size} must divide the number of processes ({sharding.processes}) "
+                         f"and of experts ({experts})")
+    if model_args.use_peft and recipe_args.lora_experts:
+        raise ValueError("expert_parallel_size > 1 cannot split experts that carry LoRA adapters; set "
+                         "lora_experts: false (LoRA on attention and the shared expert still trains)")
+    return size
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def _gathered_bytes(model, ep_size: int, train_bytes_of) -> int:
+    """2 x the largest shard unit (decoder or vision layer) in full, plus its trainable gradients."""
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    largest = 0
+    for module in model.modules():
+        if type(module).__name__ not in layer_names:
+            continue
+        weights = grads = 0
+        for name, param in module.named_parameters():
+            share = ep_size if _is_expert(name) else 1
+            weights += train_bytes_of(param) / share
+            grads += (train_bytes_of(param) if param.requires_grad else 0) / share
+        largest = max(largest, 2 * weights + grads)
+    return largest
+
+
 def _activation_bytes(text_config, batch: int, length: int, dtype_bytes: int) -> int:
     tokens = batch * length
     kept = text_config.num_hidden_layers * tokens * text_config.hidden_size
@@ -79,10 +122,15 @@ def dry_run(recipe_args: RecipeArguments, training_args, model_args, method: str
     total = sum(p.numel() for p in parameters)
     trainable = [p for p in parameters if p.requires_grad]
     # PEFT casts adapters to float32 when the run starts (autocast_adapter_dtype).
-    train_bytes = sum(p.numel() * (4 if peft is not None else p.element_size()) for p in trainable)
+
+    def size_of(param) -> int:
+        return param.numel() * (4 if peft is not None and param.requires_grad else param.element_size())
+
+    train_bytes = sum(size_of(p) for p in trainable)
     frozen_bytes = sum(p.numel() * p.element_size() for p in parameters if not p.requires_grad)
 
     sharding = read_accelerate_config(recipe_args.accelerate_config)
+    ep_size = _check_expert_parallel(recipe_args, model_args, sharding, config)
     split = _SHARDS[sharding.strategy]
     per_gpu = {
         "weights": frozen_bytes + train_bytes,
@@ -90,6 +138,13 @@ def dry_run(recipe_args: RecipeArguments, training_args, model_args, method: str
         "optimizer": 2 * train_bytes,
     }
     per_gpu = {k: v / (sharding.processes if k in split else 1) for k, v in per_gpu.items()}
+    if ep_size > 1:
+        sharding.description += f", routed experts split over ep={ep_size}"
+        if "weights" not in split:  # the experts' weights are split N ways even when the rest is replicated
+            per_gpu["weights"] -= sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                      if _is_expert(n)) * (1 - 1 / ep_size)
+    if "weights" in split:
+        per_gpu["gathered"] = _gathered_bytes(model, ep_size, size_of)
     length = getattr(training_args, "max_length", None) or 1024
     sequences = training_args.per_device_train_batch_size * (2 if method in ("dpo", "reward") else 1)
     per_gpu["activations"] = _activation_bytes(config.get_text_config(), sequences, length, 2 if dtype != torch.float32 else 4)
@@ -101,6 +156,7 @@ def dry_run(recipe_args: RecipeArguments, training_args, model_args, method: str
         "trainable_parameters": sum(p.numel() for p in trainable),
         "processes": sharding.processes,
         "sharding": sharding.description,
+        "expert_parallel_size": ep_size,
         "memory_gib": {k: v / GIB for k, v in per_gpu.items()},
     }
     report["memory_gib"]["total"] = sum(report["memory_gib"].values())

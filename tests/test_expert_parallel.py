@@ -26,3 +26,23 @@ def test_expert_parallel_forward_and_backward_equal_one_process(tmp_path, implem
         assert report["logits"] <= 1e-5
         assert report["dense_grad"] <= 1e-5 and report["expert_grad"] <= 1e-5  # relative to the largest gradient
         assert report["gathered"] == 0.0
+
+
+def test_frozen_experts_stay_frozen_when_split(tmp_path):
+    """LoRA elsewhere freezes the experts: splitting them must not make them trainable again (a one-rank group)."""
+    import torch
+    import torch.distributed as dist
+
+    from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from llama4_sparse.modeling_llama4.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny"))
+        model.model.layers[1].feed_forward.experts.requires_grad_(False)
+        apply_expert_parallel(model)
+        split = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+        assert [p.requires_grad for p in split[0].parameters()] == [False, False]
+        assert all(p.requires_grad for m in split[1:] for p in m.parameters())
+    finally:
+        dist.destroy_process_group()

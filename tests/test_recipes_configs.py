@@ -22,8 +22,8 @@ ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
 
 def test_every_size_has_configs():
     assert {p.parent.name for p in RECIPE_CONFIGS} == {"tiny", "scout", "maverick"}
-    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "fsdp2_cpu", "zero3_moe",
-                                                  "zero3_moe_cpu"}
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"ddp", "ddp_cpu", "fsdp2", "fsdp2_cpu", "fsdp2_ep", "fsdp2_ep_cpu",
+                                                  "zero3_moe", "zero3_moe_cpu"}
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
