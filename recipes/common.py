@@ -262,7 +262,13 @@ def run_recipe(method: str, training_config_class, make_trainer, args=None, argu
 
         shard_with_expert_parallel(trainer, recipe_args.expert_parallel_size)
     trainer.add_callback(ShardingReport())
-    return train_and_save(trainer, training_args, recipe_args, model_args, method)
+    metrics = train_and_save(trainer, training_args, recipe_args, model_args, method)
+    if torch.distributed.is_initialized():
+        # A launched run ends here: leaving the process group to interpreter exit let a gloo/DeepSpeed rank
+        # abort ("terminate called without an active exception") after the save, failing the launch.
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return metrics
 
 
 def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None = None,
