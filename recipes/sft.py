@@ -9,6 +9,7 @@ template renders inside the thinking block, so `assistant_only_loss` trains chai
 shape-counting images through `Llama4Processor`.
 """
 
+import random
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -34,6 +35,15 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
     chain_of_thought: bool = field(default=True, metadata={
         "help": "Synthetic arithmetic: train on the worked chain and the answer (true), or on the answer alone "
                 "with the chain left out (false: the 'direct' baseline that shows what the chain is worth)."})
+    terse_chain_share: float = field(default=0.0, metadata={
+        "help": "Synthetic arithmetic with chain_of_thought: the share of training problems whose chain is a sketch "
+                "(start and changes, running totals left out) instead of the worked chain. SFT then imitates both "
+                "styles, and RL with a verified reward can measure which one pays."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.terse_chain_share <= 1.0:
+            raise ValueError(f"terse_chain_share is a share of the training problems, in [0, 1]; got {self.terse_chain_share}")
 
 
 def processor_for(model, tokenizer) -> Llama4Processor:
@@ -52,7 +62,11 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
     if recipe_args.dataset_name == "arithmetic":
         template = PROMPT_TEMPLATES[recipe_args.prompt_style]
         cot = getattr(recipe_args, "chain_of_thought", True)
-        return Dataset.from_list([{"messages": p.messages(template, cot)} for p in synthetic_problems(recipe_args)])
+        share = getattr(recipe_args, "terse_chain_share", 0.0)
+        # Its own stream, so the problems (and sft_direct's, which never sketches) do not depend on the share.
+        rng = random.Random(f"terse:{recipe_args.problem_seed}")
+        return Dataset.from_list([{"messages": p.messages(template, cot, terse=cot and rng.random() < share)}
+                                  for p in synthetic_problems(recipe_args)])
     return local_dataset(recipe_args)
 
 
