@@ -186,3 +186,19 @@ def test_sft_data_sketches_the_asked_share_of_chains_and_never_the_direct_answer
     assert [r["messages"][0]["content"] for r in rows] == [r["messages"][0]["content"] for r in direct_rows]
     with pytest.raises(ValueError, match="terse_chain_share"):
         SFTArguments(terse_chain_share=1.5)
+
+
+def test_sketch_share_leans_by_item_so_greedy_style_follows_the_question():
+    from llama4_sparse.recipes.data.arithmetic import CHAIN_ITEMS
+    from llama4_sparse.recipes.sft import SFTArguments, sft_dataset
+
+    args = SFTArguments(problem_families=["chain"], max_operand=20, num_train_examples=800, terse_chain_share=0.5,
+                        terse_chain_skew=0.25)
+    counts = {True: [0, 0], False: [0, 0]}
+    for row in sft_dataset(args):
+        leaning = any(f"collect {item}." in row["messages"][0]["content"] for item in CHAIN_ITEMS[:4])
+        counts[leaning][0] += " = " not in row["messages"][1]["reasoning"]
+        counts[leaning][1] += 1
+    assert 0.65 < counts[True][0] / counts[True][1] < 0.85 and 0.15 < counts[False][0] / counts[False][1] < 0.35
+    with pytest.raises(ValueError, match="terse_chain_skew"):
+        SFTArguments(terse_chain_share=0.5, terse_chain_skew=0.6)
