@@ -83,9 +83,11 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
         rng = random.Random(f"terse:{recipe_args.problem_seed}")
 
         def terse(p) -> bool:
+            if not cot or p.family != "chain":  # a one-step problem has no running total to leave out
+                return False
             item = _CHAIN_ITEM.search(p.question)
             lean = skew if item and item[1] in leaning else -skew
-            return cot and rng.random() < share + lean
+            return rng.random() < share + lean
 
         return Dataset.from_list([{"messages": p.messages(template, cot, terse=terse(p))}
                                   for p in synthetic_problems(recipe_args)])
