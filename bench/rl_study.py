@@ -2,6 +2,7 @@
 
     python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study
     python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
+    python bench/rl_study.py --curves runs/demo/grpo          # one RL run's per-step diagnostics
 
 Per seed, `python -m llama4_sparse.recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
 start from that run's sft_cot (`--sft_from`), so every method of a seed is compared on the same SFT model.
@@ -67,13 +68,38 @@ def report(out: Path) -> str:
     return table
 
 
+# Per-step quantities that tell a working RL run from a collapsing one: the reward it trains on, how long and how
+# often truncated its samples are, how many groups carry no signal (all samples scored alike), and held-out accuracy.
+CURVE_KEYS = {"reward": "reward", "rewards/accuracy_reward/mean": "answer", "completions/mean_length": "length",
+              "completions/clipped_ratio": "truncated", "frac_reward_zero_std": "zero-var groups",
+              "entropy": "entropy", "heldout_strict": "held-out strict"}
+
+
+def curves(run: Path) -> str:
+    """A table of CURVE_KEYS per step from a run's trainer_state.json."""
+    rows: dict[int, dict] = {}
+    for entry in json.loads((run / "trainer_state.json").read_text())["log_history"]:
+        for key in CURVE_KEYS:
+            if key in entry:
+                rows.setdefault(entry["step"], {})[key] = entry[key]
+    keys = [k for k in CURVE_KEYS if any(k in r for r in rows.values())]
+    lines = ["| step | " + " | ".join(CURVE_KEYS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for step in sorted(rows):
+        lines.append(f"| {step} | " + " | ".join(f"{rows[step][k]:.3g}" if k in rows[step] else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["grpo", "dpo", "rlhf"], choices=["grpo", "dpo", "rlhf"])
     parser.add_argument("--output_dir", default="runs/rl_study")
     parser.add_argument("--report", default=None, help="only write the table of the runs under this folder")
+    parser.add_argument("--curves", default=None, help="print one RL run's per-step diagnostics and exit")
     args, extra = parser.parse_known_args(argv)
+    if args.curves:
+        print(curves(Path(args.curves)))
+        return
     out = Path(args.report or args.output_dir)
     if not args.report:
         run(out, args.seeds, args.methods, extra)

@@ -2,8 +2,10 @@
 
     python -m llama4_sparse.recipes.demo [--output_dir runs/demo] [--seed S] [--rl_method grpo|dpo|rlhf] [--sft_steps N] ...
 
-The task: multi-step word problems (`chain` family: a start amount, 3-4 changes in order with +, -, x,
-and a distractor fact about someone else). Stages, each scored by the eval harness (`gsm8k_chat`, the
+The task: multi-step word problems (`chain` family: a start amount, 4 changes in order with +, -, x, totals
+<= 20, and a distractor fact about someone else). Half of sft_cot's chains are sketches (operations listed,
+running totals left out; configs/tiny/sft.yaml), so sft_cot answers in both styles and the RL stage can show,
+from the verified answer alone, that working the chain out pays (`worked_chain_share` per stage). Stages, each scored by the eval harness (`gsm8k_chat`, the
 model's own greedy generations through the chat template) on held-out problems no training split contains:
 
 1. `init`: the freshly initialised model.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import time
@@ -39,6 +42,7 @@ from llama4_sparse.recipes import grpo, online_dpo, reward, sft
 from llama4_sparse.recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
 from llama4_sparse.tokenizer import load_tokenizer
 
+_WORKED_STEP = re.compile(r"\d+ [-+*] \d+ = \d+")
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 RL_METHODS = ("grpo", "dpo", "rlhf")
 # A worked 4-step chain with its answer is about 50 tokens.
@@ -54,6 +58,18 @@ REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4", "--on_
 
 def load_policy(model_dir: Path):
     return Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(), load_tokenizer(model_dir)
+
+
+def chain_styles(samples_file: Path) -> dict:
+    """How a stage's greedy answers reason: the share that work the chain out (`a op b = c` steps) rather than
+    sketch it or answer directly, and the accuracy of each kind, so a gain shows whether it came from the
+    choice of style or from better steps."""
+    rows = [json.loads(line) for line in open(samples_file)]
+    worked = [r for r in rows if _WORKED_STEP.search(r["output"])]
+    others = [r for r in rows if not _WORKED_STEP.search(r["output"])]
+    share = lambda part: round(sum(r["correct_strict"] for r in part) / len(part), 4) if part else None
+    return {"worked_chain_share": round(len(worked) / len(rows), 4), "strict_when_worked": share(worked),
+            "strict_otherwise": share(others)}
 
 
 def log_history(run_dir: Path) -> list[dict]:
@@ -153,13 +169,15 @@ def main(argv=None) -> list[dict]:
         model, tokenizer = load_policy(model_dir)
         result = score_heldout(model, tokenizer, data_dir, max_new_tokens=MAX_NEW_TOKENS, output_dir=out / "eval" / stage)
         entry = {"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
-                 "n": result["n"], "train_seconds": round(seconds, 1), **extra}
+                 "n": result["n"], "train_seconds": round(seconds, 1), **extra,
+                 **chain_styles(out / "eval" / stage / "samples_gsm8k_chat.jsonl")}
         if passk:
             sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed)
             entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
         stages.append(entry)
         print(f"[demo] {stage}: strict {entry['strict']:.1%}, flexible {entry['flexible']:.1%}"
-              + (f", pass@8 {entry['pass@8']:.1%}" if passk else "") + f" ({time.time() - start:.0f}s elapsed)",
+              + (f", pass@8 {entry['pass@8']:.1%}" if passk else "") + f", chain worked out in "
+              f"{entry['worked_chain_share']:.0%} ({time.time() - start:.0f}s elapsed)",
               flush=True)
         # Written after every stage, so an interrupted demo keeps what it measured.
         (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": round(time.time() - start, 1),
@@ -227,10 +245,11 @@ def main(argv=None) -> list[dict]:
         curves["rlhf"] = log_history(rl_dir)
         record("rlhf", rl_dir, time.time() - t, passk=True)
 
-    print(f"\n| stage | {TASK} strict | flexible | pass@8 | train s |\n|---|---|---|---|---|")
+    print(f"\n| stage | {TASK} strict | flexible | pass@8 | chain worked out | train s |\n|---|---|---|---|---|---|")
     for s in stages:
         passk = f"{s['pass@8']:.1%}" if "pass@8" in s else ""
-        print(f"| {s['stage']} | {s['strict']:.1%} | {s['flexible']:.1%} | {passk} | {s['train_seconds']} |")
+        worked = f"{s['worked_chain_share']:.0%}" if "worked_chain_share" in s else ""
+        print(f"| {s['stage']} | {s['strict']:.1%} | {s['flexible']:.1%} | {passk} | {worked} | {s['train_seconds']} |")
     print(f"total {time.time() - start:.0f}s; {args.num_eval} held-out problems; outputs in {out}")
     plot(stages, curves, out / "demo.png")
     return stages

@@ -9,6 +9,8 @@ template renders inside the thinking block, so `assistant_only_loss` trains chai
 shape-counting images through `Llama4Processor`.
 """
 
+import random
+import re
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -26,7 +28,10 @@ from llama4_sparse.recipes.common import (
     synthetic_problems,
 )
 from llama4_sparse.recipes.callbacks import HeldOutEvalArguments, add_heldout_eval
+from llama4_sparse.recipes.data.arithmetic import CHAIN_ITEMS
 from llama4_sparse.recipes.data.shapes import generate_scenes
+
+_CHAIN_ITEM = re.compile(r"collects? (\w+)\.")
 
 
 @dataclass
@@ -34,6 +39,25 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
     chain_of_thought: bool = field(default=True, metadata={
         "help": "Synthetic arithmetic: train on the worked chain and the answer (true), or on the answer alone "
                 "with the chain left out (false: the 'direct' baseline that shows what the chain is worth)."})
+    terse_chain_share: float = field(default=0.0, metadata={
+        "help": "Synthetic arithmetic with chain_of_thought: the share of training problems whose chain is a sketch "
+                "(start and changes, running totals left out) instead of the worked chain. SFT then imitates both "
+                "styles, and RL with a verified reward can measure which one pays."})
+    terse_chain_skew: float = field(default=0.0, metadata={
+        "help": "How far the sketch share leans by item: problems about the first half of the chain items are "
+                "sketched at terse_chain_share + skew, the others at terse_chain_share - skew. Greedy decoding "
+                "takes the likelier style, so without a lean a model trained on a 50/50 mix sketches all or none "
+                "of its answers, as the seed happens to tilt it; with one it sketches about the items it saw "
+                "sketched most, and samples both styles everywhere."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.terse_chain_share <= 1.0:
+            raise ValueError(f"terse_chain_share is a share of the training problems, in [0, 1]; got {self.terse_chain_share}")
+        low, high = self.terse_chain_share - self.terse_chain_skew, self.terse_chain_share + self.terse_chain_skew
+        if self.terse_chain_skew < 0 or low < 0 or high > 1:
+            raise ValueError(f"terse_chain_skew must be >= 0 and keep both shares in [0, 1]; got share "
+                             f"{self.terse_chain_share} +/- skew {self.terse_chain_skew}")
 
 
 def processor_for(model, tokenizer) -> Llama4Processor:
@@ -52,7 +76,21 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
     if recipe_args.dataset_name == "arithmetic":
         template = PROMPT_TEMPLATES[recipe_args.prompt_style]
         cot = getattr(recipe_args, "chain_of_thought", True)
-        return Dataset.from_list([{"messages": p.messages(template, cot)} for p in synthetic_problems(recipe_args)])
+        share = getattr(recipe_args, "terse_chain_share", 0.0)
+        skew = getattr(recipe_args, "terse_chain_skew", 0.0)
+        leaning = set(CHAIN_ITEMS[:len(CHAIN_ITEMS) // 2])
+        # Its own stream, so the problems (and sft_direct's, which never sketches) do not depend on the share.
+        rng = random.Random(f"terse:{recipe_args.problem_seed}")
+
+        def terse(p) -> bool:
+            if not cot or p.family != "chain":  # a one-step problem has no running total to leave out
+                return False
+            item = _CHAIN_ITEM.search(p.question)
+            lean = skew if item and item[1] in leaning else -skew
+            return rng.random() < share + lean
+
+        return Dataset.from_list([{"messages": p.messages(template, cot, terse=terse(p))}
+                                  for p in synthetic_problems(recipe_args)])
     return local_dataset(recipe_args)
 
 

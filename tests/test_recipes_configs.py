@@ -12,9 +12,10 @@ from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 from llama4_sparse import modeling_llama4
 from llama4_sparse.recipes.common import RecipeArguments, parse_recipe
 from llama4_sparse.recipes.grpo import GRPOArguments
+from llama4_sparse.recipes.sft import SFTArguments
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-METHODS = {"sft": (SFTConfig, RecipeArguments), "dpo": (DPOConfig, RecipeArguments),
+METHODS = {"sft": (SFTConfig, SFTArguments), "dpo": (DPOConfig, RecipeArguments),
            "grpo": (GRPOConfig, GRPOArguments), "reward": (RewardConfig, RecipeArguments)}
 RECIPE_CONFIGS = sorted((RECIPES / "configs").glob("*/*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))

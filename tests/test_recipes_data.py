@@ -153,3 +153,52 @@ def test_chain_held_out_split_is_clean_and_direct_messages_leave_the_chain_out()
     direct = problem.messages(chain_of_thought=False)
     assert direct[1] == {"role": "assistant", "content": f"The final answer is {problem.answer}"}
     assert problem.messages()[1]["reasoning"] == problem.reasoning
+
+
+def test_terse_chain_keeps_the_operations_and_drops_every_running_total():
+    for problem in generate_problems(50, seed=2, families=("chain",), max_operand=20):
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", problem.reasoning)
+        sketch = problem.terse_reasoning
+        assert sketch == f"{steps[0][0]} " + ", ".join(f"{op} {b}" for _, op, b, _ in steps) + "."
+        assert " = " not in sketch
+        reply = problem.messages(terse=True)[1]
+        assert reply["reasoning"] == sketch and reply["content"] == f"The final answer is {problem.answer}"
+    with pytest.raises(ValueError, match="no `a op b = c` step"):
+        from llama4_sparse.recipes.data.arithmetic import Problem
+
+        Problem("q", "no steps here", 1, "x").terse_reasoning
+
+
+def test_sft_data_sketches_the_asked_share_of_chains_and_never_the_direct_answers():
+    from llama4_sparse.recipes.sft import SFTArguments, sft_dataset
+
+    def sketched(**kw):
+        args = SFTArguments(problem_families=["chain"], max_operand=20, num_train_examples=400, **kw)
+        rows = sft_dataset(args)
+        return [" = " not in r["messages"][1].get("reasoning", " = ") for r in rows], rows
+
+    flags, rows = sketched(terse_chain_share=0.5)
+    assert 0.4 < sum(flags) / len(flags) < 0.6
+    plain, _ = sketched(terse_chain_share=0.0)
+    direct, direct_rows = sketched(terse_chain_share=0.5, chain_of_thought=False)
+    assert not any(plain) and not any(direct)
+    # Same problems whatever the share: only the style of the chain changes.
+    assert [r["messages"][0]["content"] for r in rows] == [r["messages"][0]["content"] for r in direct_rows]
+    with pytest.raises(ValueError, match="terse_chain_share"):
+        SFTArguments(terse_chain_share=1.5)
+
+
+def test_sketch_share_leans_by_item_so_greedy_style_follows_the_question():
+    from llama4_sparse.recipes.data.arithmetic import CHAIN_ITEMS
+    from llama4_sparse.recipes.sft import SFTArguments, sft_dataset
+
+    args = SFTArguments(problem_families=["chain"], max_operand=20, num_train_examples=800, terse_chain_share=0.5,
+                        terse_chain_skew=0.25)
+    counts = {True: [0, 0], False: [0, 0]}
+    for row in sft_dataset(args):
+        leaning = any(f"collect {item}." in row["messages"][0]["content"] for item in CHAIN_ITEMS[:4])
+        counts[leaning][0] += " = " not in row["messages"][1]["reasoning"]
+        counts[leaning][1] += 1
+    assert 0.65 < counts[True][0] / counts[True][1] < 0.85 and 0.15 < counts[False][0] / counts[False][1] < 0.35
+    with pytest.raises(ValueError, match="terse_chain_skew"):
+        SFTArguments(terse_chain_share=0.5, terse_chain_skew=0.6)

@@ -24,6 +24,7 @@ def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(g
     tmp_path, stages = grpo_demo
     assert [s["stage"] for s in stages] == ["init", "sft_direct", "sft_cot", "grpo"]
     assert all(s["n"] == 8 and 0 <= s["strict"] <= s["flexible"] + 1e-9 <= 1 for s in stages)
+    assert all(0 <= s["worked_chain_share"] <= 1 for s in stages)
     for s in stages[2:]:
         assert 0 <= s["pass@1_sampled"] <= s["pass@8"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages
@@ -37,7 +38,7 @@ def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(g
     samples = [json.loads(line) for line in open(tmp_path / "eval" / "sft_direct" / "samples_gsm8k_chat.jsonl")]
     assert len(samples) == 8
     held_out = [json.loads(line)["question"] for line in open(tmp_path / "data" / "gsm8k" / "test.jsonl")]
-    training = {p.question for p in generate_problems(4000, seed=0, families=("chain",), max_operand=30)}
+    training = {p.question for p in generate_problems(4000, seed=0, families=("chain",), max_operand=20)}
     assert len(held_out) == 8 and not training & set(held_out)
 
 
@@ -67,3 +68,14 @@ def test_demo_rl_methods_start_from_the_same_sft_model(grpo_demo, method, tmp_pa
 def test_demo_refuses_zero_dpo_rounds(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--output_dir", str(tmp_path), "--rl_method", "dpo", "--dpo_rounds", "0"])
+
+
+def test_chain_styles_tell_worked_chains_from_sketches_and_score_each(tmp_path):
+    rows = [{"output": "3 + 4 = 7. 7 * 2 = 14.The final answer is 14", "correct_strict": True},
+            {"output": "3 + 4 = 7. 7 * 2 = 15.The final answer is 15", "correct_strict": False},
+            {"output": "3 + 4, * 2.The final answer is 14", "correct_strict": True},
+            {"output": "3 + 4, * 2.The final answer is 11", "correct_strict": False},
+            {"output": "The final answer is 9", "correct_strict": False}]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo.chain_styles(path) == {"worked_chain_share": 0.4, "strict_when_worked": 0.5, "strict_otherwise": 0.3333}

@@ -10,10 +10,12 @@ problem belongs to is a hash of its question text: a held-out ("test") question 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from .splits import check_split, draw_distinct, split_of
 
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
 
@@ -40,13 +42,25 @@ class Problem:
         """The problem in GSM8K's layout (worked solution ending `#### N`), for the eval harness."""
         return {"question": self.question, "answer": f"{self.reasoning}\n#### {self.answer}"}
 
+    @property
+    def terse_reasoning(self) -> str:
+        """The chain as a sketch: the start and each change, running totals left out (`15 - 4, * 2, + 6.`).
+        It reads like a worked chain but leaves every total to be composed in one forward pass, as answering
+        directly does: the kind of sketchy solution real SFT sets mix with careful ones."""
+        steps = _STEP.findall(self.reasoning)
+        if not steps:
+            raise ValueError(f"no `a op b = c` step in the {self.family} chain {self.reasoning!r} to sketch")
+        return f"{steps[0][0]} " + ", ".join(f"{op} {b}" for _, op, b, _ in steps) + "."
+
     def prompt(self, template: str = "{question}") -> list[dict]:
         return [{"role": "user", "content": template.format(question=self.question)}]
 
-    def messages(self, template: str = "{question}", chain_of_thought: bool = True) -> list[dict]:
+    def messages(self, template: str = "{question}", chain_of_thought: bool = True, terse: bool = False) -> list[dict]:
         """The user turn (the question through `template`) and the assistant's reasoning and answer;
-        without `chain_of_thought` the assistant answers directly (no thinking block)."""
-        reply = {"role": "assistant", "reasoning": self.reasoning, "content": self.final} if chain_of_thought else \
+        without `chain_of_thought` the assistant answers directly (no thinking block); with `terse` the
+        thinking block holds the sketch (`terse_reasoning`) instead of the worked chain."""
+        reasoning = self.terse_reasoning if terse else self.reasoning
+        reply = {"role": "assistant", "reasoning": reasoning, "content": self.final} if chain_of_thought else \
             {"role": "assistant", "content": self.final}
         return [*self.prompt(template), reply]
 
