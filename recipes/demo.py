@@ -3,9 +3,10 @@
     python -m llama4_sparse.recipes.demo [--output_dir runs/demo] [--seed S] [--rl_method grpo|dpo|rlhf] [--sft_steps N] ...
 
 The task: multi-step word problems (`chain` family: a start amount, 4 changes in order with +, -, x, totals
-<= 20, and a distractor fact about someone else). Half of sft_cot's chains are sketches (operations listed,
-running totals left out; configs/tiny/sft.yaml), so sft_cot answers in both styles and the RL stage can show,
-from the verified answer alone, that working the chain out pays (`worked_chain_share` per stage). Stages, each scored by the eval harness (`gsm8k_chat`, the
+<= 20, and a distractor fact about someone else). Each stage records how many greedy answers work the chain
+out (`worked_chain_share`; with `--sft_args "--terse_chain_share 0.5 --terse_chain_skew 0.25"` half of sft_cot's
+chains are sketches and the RL stage shows whether working them out pays). Stages, each scored by the eval
+harness (`gsm8k_chat`, the
 model's own greedy generations through the chat template) on held-out problems no training split contains:
 
 1. `init`: the freshly initialised model.
