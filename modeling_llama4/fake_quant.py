@@ -3,30 +3,29 @@ activations) while its parameters stay full precision and learn through straight
 
 * `nn.Linear` layers (attention, shared expert, dense MLP) become torchao's `FakeQuantizedLinear`
   (`QATConfig` with the scheme's fake-quantize configs).
-* The fused routed experts are not `nn.Linear`, and torchao has no QAT for 3-D expert weights, so their
-  `gate_up_proj` / `down_proj` get a `torch.nn.utils.parametrize` parametrization: every read of the
-  parameter inside `Llama4TextExperts.forward` returns the fake-quantized weight, per expert, grouped along
-  the reduction dimension, through torchao's own fake-quantizer (so the numbers are the linear layers').
-  The experts code and every kernel (`experts.select_kernel`) stay untouched. For `8da{b}w` a forward
-  pre-hook fake-quantizes the experts' input per token (int8); the input of `down_proj` (the SwiGLU
-  output) lives inside the kernels and stays full precision.
-* The state dict keeps its usual keys (`...experts.gate_up_proj`) through a state-dict hook, so a
-  prepared model saves, checkpoints and resumes like a plain one, and `remove_fake_quant` gives back the
-  plain model.
+* The fused routed experts are not `nn.Linear`, and torchao has no QAT for 3-D expert weights, so a
+  prepared experts module becomes `FakeQuantTextExperts`: its weights go through torchao's own
+  fake-quantizer (the linear layers' numbers) per expert, grouped along the reduction dimension, and then
+  into the same kernels (`experts.select_kernel`), which stay untouched. For `8da{b}w` the experts' input
+  is fake-quantized per token (int8); the input of `down_proj` (the SwiGLU output) lives inside the
+  kernels and stays full precision. (Not a `torch.nn.utils.parametrize` parametrization: its
+  `parametrizations.down_proj` module would match LoRA's `down_proj` target, and a parametrized weight
+  would sit under PEFT's own expert-parameter parametrization, quantizing W rather than W + BA.)
+* No parameter, buffer or state-dict key changes, so a prepared model saves, checkpoints and resumes
+  like a plain one, and `remove_fake_quant` gives back the plain model.
 
 Skipped by default (`quantization_scheme.DEFAULT_SKIP`): router, embeddings, lm_head, vision tower and
 projector, score head. LoRA composes: PEFT wraps a `FakeQuantizedLinear` like any `nn.Linear` (the base
-path is fake-quantized, the adapter path is full precision, as in Llama 3.2's QAT + LoRA), and its
-expert-parameter adapters add their delta after the fake-quantized base expert weight.
+path is fake-quantized, the adapter path is full precision, as in Llama 3.2's QAT + LoRA); its
+expert-parameter adapters add their delta to the weight before the experts fake-quantize it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .experts import Llama4TextExperts
+from .experts import LLAMA4_EXPERTS_KERNELS, Llama4TextExperts, compute_dtype, select_kernel
 from .quantization_scheme import (
     QuantizationScheme,
     activation_fake_quant_config,
@@ -34,11 +33,9 @@ from .quantization_scheme import (
     weight_fake_quant_config,
 )
 
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-
 
 class ExpertWeightFakeQuant(nn.Module):
-    """Parametrization of a fused expert weight (E, K, N) whose reduction dimension K is the middle one:
+    """Fake-quantizer of a fused expert weight (E, K, N) whose reduction dimension K is the middle one:
     fake-quantized per expert and output column in groups of K."""
 
     def __init__(self, scheme: QuantizationScheme):
@@ -56,27 +53,21 @@ class ExpertWeightFakeQuant(nn.Module):
         return self.fake_quantizer(rows).view(experts, n, k).transpose(1, 2).contiguous()
 
 
-def _expert_input_hook(module, args, kwargs):
-    fake_quantizer = module.input_fake_quantizer
-    if not fake_quantizer.enabled:
-        return None
-    return (fake_quantizer(args[0]), *args[1:]), kwargs
+class FakeQuantTextExperts(Llama4TextExperts):
+    """`Llama4TextExperts` whose forward reads its weights through the fake-quantizers (and, for `8da{b}w`,
+    fake-quantizes its input per token). The class of a prepared experts module is swapped to this one and
+    back, so parameters and state-dict keys never change."""
 
-
-def _plain_keys_hook(module, state_dict, prefix, local_metadata):
-    # `parametrizations.gate_up_proj.original` is saved as `gate_up_proj`, the key every loader expects.
-    for name in EXPERT_WEIGHTS:
-        key = f"{prefix}parametrizations.{name}.original"
-        if key in state_dict:
-            state_dict[f"{prefix}{name}"] = state_dict.pop(key)
-    for key in [k for k in state_dict if k.startswith(f"{prefix}input_fake_quantizer.")]:
-        del state_dict[key]
-
-
-def _plain_keys_load_hook(module, state_dict, prefix, *args):
-    for name in EXPERT_WEIGHTS:
-        if f"{prefix}{name}" in state_dict and parametrize.is_parametrized(module, name):
-            state_dict[f"{prefix}parametrizations.{name}.original"] = state_dict.pop(f"{prefix}{name}")
+    def forward(self, x, top_k_index, top_k_scores, implementation: str = "auto"):
+        if self.input_fake_quantizer is not None:
+            x = self.input_fake_quantizer(x)
+        dtype = compute_dtype(x, self.gate_up_proj)
+        # Under PEFT's expert-parameter LoRA `self.gate_up_proj` already holds W + BA, so the adapted weight is
+        # what gets quantized: the same weight a merged, converted model stores.
+        gate_up_proj = self.gate_up_fake_quant(self.gate_up_proj).to(dtype)
+        down_proj = self.down_fake_quant(self.down_proj).to(dtype)
+        kernel = LLAMA4_EXPERTS_KERNELS[select_kernel(implementation, x, top_k_index, gate_up_proj)]
+        return kernel(x, top_k_index, top_k_scores, gate_up_proj, down_proj)
 
 
 def check_scheme_fits(model: nn.Module, scheme: QuantizationScheme) -> None:
@@ -119,13 +110,10 @@ def prepare_qat(model: nn.Module, scheme: QuantizationScheme | str, group_size: 
     quantize_(model, config, filter_fn=lambda module, name: id(module) in targets)
     for _, module in quantizable_modules(model, scheme):
         if isinstance(module, Llama4TextExperts):
-            for name in EXPERT_WEIGHTS:
-                parametrize.register_parametrization(module, name, ExpertWeightFakeQuant(scheme))
-            if scheme.dynamic_activations:
-                module.input_fake_quantizer = activation_fake_quantizer(scheme)
-                module._qat_hook = module.register_forward_pre_hook(_expert_input_hook, with_kwargs=True)
-            module._qat_state_hooks = (module.register_state_dict_post_hook(_plain_keys_hook),
-                                       module.register_load_state_dict_pre_hook(_plain_keys_load_hook))
+            module.__class__ = FakeQuantTextExperts
+            module.gate_up_fake_quant = ExpertWeightFakeQuant(scheme)
+            module.down_fake_quant = ExpertWeightFakeQuant(scheme)
+            module.input_fake_quantizer = activation_fake_quantizer(scheme)
     model.qat_scheme = scheme
     return scheme
 
@@ -157,15 +145,9 @@ def remove_fake_quant(model: nn.Module) -> nn.Module:
                 if child.bias is not None:
                     plain.bias = child.bias
                 setattr(parent, child_name, plain)
-        if isinstance(parent, Llama4TextExperts):
-            for name in EXPERT_WEIGHTS:
-                if parametrize.is_parametrized(parent, name):
-                    parametrize.remove_parametrizations(parent, name, leave_parametrized=False)
-            if hasattr(parent, "_qat_hook"):
-                parent._qat_hook.remove()
-                del parent._qat_hook, parent.input_fake_quantizer
-            for handle in getattr(parent, "_qat_state_hooks", ()):
-                handle.remove()
-            parent.__dict__.pop("_qat_state_hooks", None)
+        if isinstance(parent, FakeQuantTextExperts):
+            parent.__class__ = Llama4TextExperts
+            for name in ("gate_up_fake_quant", "down_fake_quant", "input_fake_quantizer"):
+                delattr(parent, name)
     model.qat_scheme = None
     return model
