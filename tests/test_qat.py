@@ -4,6 +4,7 @@ fake-quantized one, the saved folder, the recipe flag and the errors."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,29 @@ def test_bad_input_raises_errors_that_name_the_fix():
         convert_to_low_bit(model, "8da4w", 32)
     with pytest.raises(ValueError, match="prepared for QAT already"):
         prepare_qat(model, "int4", 32)
+
+
+def test_recipe_qat_flag_trains_and_writes_loadable_full_precision_and_low_bit_folders(tmp_path):
+    from llama4_sparse.recipes import sft
+    from llama4_sparse.recipes.common import parse_recipe
+    from trl import SFTConfig
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny" / "sft.yaml"
+    quick = ["--config", str(tiny), "--num_train_examples", "8", "--prompt_style", "plain", "--save_strategy", "no",
+             "--logging_steps", "1", "--disable_tqdm", "true", "--warmup_steps", "0", "--max_steps", "2"]
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        parse_recipe(SFTConfig, sft.SFTArguments, [*quick, "--output_dir", str(tmp_path / "x"), "--qat", "int5w"])
+    with pytest.raises(ValueError, match="save_low_bit converts a QAT-trained model; set --qat"):
+        parse_recipe(SFTConfig, sft.SFTArguments, [*quick, "--output_dir", str(tmp_path / "x"), "--save_low_bit", "true"])
+
+    out = tmp_path / "qat"
+    sft.main([*quick, "--output_dir", str(out), "--qat", "8da4w", "--qat_start_step", "1", "--save_low_bit", "true"])
+    plain = Llama4ForCausalLM.from_pretrained(out).eval()
+    assert all(type(m).__name__ not in ("FakeQuantizedLinear", "LowBitLinear") for m in plain.modules())
+    low_bit = Llama4ForCausalLM.from_pretrained(out / "low_bit").eval()
+    assert isinstance(low_bit.model.layers[1].feed_forward.experts, LowBitTextExperts)
+    # The low-bit folder is the saved full-precision weights, converted.
+    convert_to_low_bit(plain, "8da4w", 32)
+    torch.testing.assert_close(low_bit(_ids()).logits, plain(_ids()).logits, rtol=0, atol=1e-5)
+    assert low_bit.generate(_ids(shape=(1, 5)), max_new_tokens=4, do_sample=False).shape == (1, 9)
+    assert "Quantization-aware training:** `8da4w`" in (out / "README.md").read_text()
