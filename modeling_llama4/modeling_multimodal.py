@@ -24,6 +24,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_llama4 import Llama4Config
 from .modeling_text import Llama4ForCausalLM, _check_inputs
 from .modeling_vision import Llama4VisionModel
+from .low_bit import LowBitLoading
 from .saving import SavesAsOwnClass
 
 
@@ -85,7 +86,7 @@ class Llama4MultimodalBackbone(nn.Module):
         )
 
 
-class Llama4ForConditionalGeneration(SavesAsOwnClass, PreTrainedModel, GenerationMixin):
+class Llama4ForConditionalGeneration(SavesAsOwnClass, LowBitLoading, PreTrainedModel, GenerationMixin):
     """Vision tower + projector + `Llama4ForCausalLM`, with images fused at the `<|patch|>` tokens.
 
     Any number of images and tiles per prompt and per batch: the tower encodes the tiles in chunks

@@ -41,6 +41,7 @@ from .moe import Llama4TextExperts, Llama4TextMoe
 from .norm import Llama4RMSNorm
 from .router_losses import load_balancing_loss, router_z_loss
 from .rope import Llama4TextRotaryEmbedding
+from .low_bit import LowBitLoading
 from .saving import SavesAsOwnClass
 
 _MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
@@ -48,7 +49,7 @@ _MASK_BUILDERS = {"full_attention": create_causal_mask, "chunked_attention": cre
 DEFAULT_PREFILL_CHUNK_SIZE = 8192
 
 
-class Llama4PreTrainedModel(SavesAsOwnClass, PreTrainedModel):
+class Llama4PreTrainedModel(SavesAsOwnClass, LowBitLoading, PreTrainedModel):
     config_class = Llama4TextConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

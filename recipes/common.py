@@ -33,6 +33,7 @@ from llama4_sparse.eval.tasks.gsm8k import CHAT_INSTRUCTION
 from llama4_sparse.tokenizer import load_tokenizer
 
 from .data.arithmetic import FAMILIES, generate_problems
+from .qat import QATStartCallback, apply_qat, check_qat_arguments, qat_scheme, save_low_bit
 
 logger = logging.getLogger("recipes")
 
@@ -87,6 +88,14 @@ class RecipeArguments:
     expert_parallel_size: int = field(default=1, metadata={
         "help": "Split the routed experts over this many ranks (all-to-all token exchange) under an FSDP2 launch, "
                 "the rest of the model FSDP2-sharded over all ranks (recipes/expert_parallel.py)."})
+    qat: str | None = field(default=None, metadata={
+        "help": "Quantization-aware training: '8da4w' (int8 dynamic activations, int4 weights) or 'int4' (weight-only); "
+                "int2..int8 / 8da2w..8da8w also. Linear layers and routed experts; router, embeddings, lm_head and "
+                "vision stay full precision."})
+    qat_group_size: int = field(default=32, metadata={"help": "QAT weight group size along each reduction dimension."})
+    qat_start_step: int = field(default=0, metadata={"help": "With qat: train in full precision for this many steps first."})
+    save_low_bit: bool = field(default=False, metadata={
+        "help": "With qat: also save the model converted to packed low-bit weights to OUTPUT_DIR/low_bit."})
     save_merged: bool = field(default=False, metadata={
         "help": "With use_peft: also save the model with the trained adapters merged into its weights, with the "
                 "tokenizer, to OUTPUT_DIR/merged (loads with from_pretrained; PEFT not needed)."})
@@ -99,6 +108,7 @@ class RecipeArguments:
         unknown = set(self.problem_families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown problem_families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+        check_qat_arguments(self)
 
 
 def parse_recipe(training_config_class, arguments_class=RecipeArguments, args=None):
@@ -169,7 +179,7 @@ def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_
                                                     and recipe_args.dataset_name != "shapes")
     if model_args.use_peft and not model_args.model_name_or_path:
         save_base_model(model, tokenizer, training_args)
-    return model
+    return apply_qat(model, recipe_args)
 
 
 def save_base_model(model, tokenizer, training_args) -> Path:
@@ -282,6 +292,8 @@ def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None =
                          "merge_and_unload on the base model")
     # MoE load balancing (aux-loss-free expert bias) steps with the optimizer, outside the forward.
     trainer.add_callback(ExpertBiasCallback())
+    if recipe_args is not None and qat_scheme(recipe_args) is not None:
+        trainer.add_callback(QATStartCallback(recipe_args.qat_start_step))
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if trainer.is_fsdp_enabled:
         # Checkpoints may stay sharded (fast to write, resumable); the final folder is a normal one.
@@ -295,6 +307,8 @@ def train_and_save(trainer, training_args, recipe_args: RecipeArguments | None =
             merged.save_pretrained(out / MERGED_SUBFOLDER)
             trainer.processing_class.save_pretrained(out / MERGED_SUBFOLDER)
             logger.info("saved the merged model to %s", out / MERGED_SUBFOLDER)
+        if recipe_args is not None and recipe_args.save_low_bit:
+            save_low_bit(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out)
         if recipe_args is not None and model_args is not None:
             (out / "README.md").write_text(model_card(recipe_args, model_args, training_args, method,
                                                       trainer.state.global_step), encoding="utf-8")
@@ -347,6 +361,12 @@ def model_card(recipe_args: RecipeArguments, model_args: ModelConfig, training_a
             lines.append(f"* **`{MERGED_SUBFOLDER}/`** holds the base with the adapters merged into its weights.")
     else:
         lines.append("* **This folder holds the full fine-tuned weights** (safetensors) with the tokenizer.")
+    if recipe_args.qat:
+        lines.append(f"* **Quantization-aware training:** `{recipe_args.qat}`, group size {recipe_args.qat_group_size}"
+                     + (f", fake-quantized from step {recipe_args.qat_start_step}" if recipe_args.qat_start_step else "")
+                     + "; the weights here are full precision"
+                     + ("; `low_bit/` holds them converted to packed low-bit weights." if recipe_args.save_low_bit
+                        else " (convert with `python -m llama4_sparse.modeling_llama4.quantize`)."))
     head = {"causal_lm": "AutoModelForCausalLM", "conditional_generation": "AutoModelForCausalLM",
             "sequence_classification": "AutoModelForSequenceClassification"}[recipe_args.model_class]
     lines += ["", "## Loading", "", "```python", "import modeling_llama4  # or pass trust_remote_code=True"]
