@@ -1,6 +1,6 @@
 """Each RL method of the demo over several seeds: held-out greedy accuracy per stage, mean and spread.
 
-    python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study
+    python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study [--jobs 2]
     python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
     python bench/rl_study.py --curves runs/demo/grpo          # one RL run's per-step diagnostics
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,21 +27,35 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / f"seed{seed}" / ("demo" if method == "grpo" else method)
 
 
-def run(out: Path, seeds: list[int], methods: list[str], extra: list[str]) -> None:
-    for seed in seeds:
-        base = run_dir(out, "grpo", seed)
-        order = ["grpo", *[m for m in methods if m != "grpo"]]
-        for method in order:
-            target = run_dir(out, method, seed)
-            if (target / "results.json").is_file() and any(
-                    s["stage"] == method for s in json.loads((target / "results.json").read_text())["stages"]):
-                continue  # finished earlier
-            command = [sys.executable, "-m", "llama4_sparse.recipes.demo", "--seed", str(seed), "--rl_method", method,
-                       "--output_dir", str(target), *extra]
-            if method != "grpo":
-                command += ["--sft_from", str(base)]
-            print("+", " ".join(command), flush=True)
-            subprocess.run(command, cwd=REPO, check=True)
+def run_seed(out: Path, seed: int, methods: list[str], extra: list[str], env: dict | None = None) -> None:
+    base = run_dir(out, "grpo", seed)
+    for method in ["grpo", *[m for m in methods if m != "grpo"]]:
+        target = run_dir(out, method, seed)
+        if (target / "results.json").is_file() and any(
+                s["stage"] == method for s in json.loads((target / "results.json").read_text())["stages"]):
+            continue  # finished earlier
+        command = [sys.executable, "-m", "llama4_sparse.recipes.demo", "--seed", str(seed), "--rl_method", method,
+                   "--output_dir", str(target), *(["--sft_jobs", "1"] if env else []), *extra]
+        if method != "grpo":
+            command += ["--sft_from", str(base)]
+        print("+", " ".join(command), flush=True)
+        target.mkdir(parents=True, exist_ok=True)
+        with open(target / "log.txt", "a") as log:
+            subprocess.run(command, cwd=REPO, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run(out: Path, seeds: list[int], methods: list[str], extra: list[str], jobs: int = 1) -> None:
+    """Each seed's runs in order (grpo's demo first: the others reuse its SFT stages); with `jobs` > 1, that many
+    seeds at once, each process on one thread (a tiny model gains little from a second thread, so on a 2-core
+    machine two single-threaded seeds finish in about the time of one two-threaded one). Logs: SEED_DIR/*/log.txt."""
+    if jobs <= 1:
+        for seed in seeds:
+            run_seed(out, seed, methods, extra)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(jobs) as pool:
+        for done in [pool.submit(run_seed, out, seed, methods, extra, env) for seed in seeds]:
+            done.result()
 
 
 def report(out: Path) -> str:
@@ -94,6 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["grpo", "dpo", "rlhf"], choices=["grpo", "dpo", "rlhf"])
     parser.add_argument("--output_dir", default="runs/rl_study")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one thread each")
     parser.add_argument("--report", default=None, help="only write the table of the runs under this folder")
     parser.add_argument("--curves", default=None, help="print one RL run's per-step diagnostics and exit")
     args, extra = parser.parse_known_args(argv)
@@ -102,7 +119,7 @@ def main(argv=None) -> None:
         return
     out = Path(args.report or args.output_dir)
     if not args.report:
-        run(out, args.seeds, args.methods, extra)
+        run(out, args.seeds, args.methods, extra, args.jobs)
     print(report(out))
 
 

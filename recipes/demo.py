@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +44,8 @@ import torch
 from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
 from llama4_sparse.recipes import grpo, online_dpo, reward, sft
 from llama4_sparse.recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
+from llama4_sparse.recipes.data.arithmetic import CHECK_MARKER
+from llama4_sparse.recipes.rewards import self_check_passes
 from llama4_sparse.tokenizer import load_tokenizer
 
 _WORKED_STEP = re.compile(r"\d+ [-+*] \d+ = \d+")
@@ -69,8 +74,60 @@ def chain_styles(samples_file: Path) -> dict:
     worked = [r for r in rows if _WORKED_STEP.search(r["output"])]
     others = [r for r in rows if not _WORKED_STEP.search(r["output"])]
     share = lambda part: round(sum(r["correct_strict"] for r in part) / len(part), 4) if part else None
-    return {"worked_chain_share": round(len(worked) / len(rows), 4), "strict_when_worked": share(worked),
-            "strict_otherwise": share(others)}
+    styles = {"worked_chain_share": round(len(worked) / len(rows), 4), "strict_when_worked": share(worked),
+              "strict_otherwise": share(others)}
+    if any(CHECK_MARKER in r["output"] for r in rows):
+        styles.update(self_check_report(rows))
+    return styles
+
+
+def self_check_report(rows: list[dict]) -> dict:
+    """How the model's own checks behave (`--sft_args=--self_check true`): how often a check holds, how often
+    its verdict agrees with the truth (holds on a right answer, fails on a wrong one), and how often it
+    holds on a wrong answer (a check that misses an error)."""
+    holds = [self_check_passes(r["output"]) for r in rows]
+    wrong = [h for h, r in zip(holds, rows) if not r["correct_strict"]]
+    return {"check_holds": round(sum(holds) / len(rows), 4),
+            "check_agrees_with_truth": round(sum(h == bool(r["correct_strict"]) for h, r in zip(holds, rows)) / len(rows), 4),
+            "check_holds_when_wrong": round(sum(wrong) / len(wrong), 4) if wrong else None}
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name` and its value (`--name value` or `--name=value`)."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
+def train_side_by_side(stage_args: dict[str, list[str]], out: Path) -> dict[str, float]:
+    """The SFT stages as concurrent processes, one thread each: the tiny model gains little from a second
+    thread, so two cores train both stages in about the time of one. Returns each stage's seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs, logs, start = {}, {}, time.time()
+    for stage, stage_argv in stage_args.items():
+        logs[stage] = open(out / f"{stage}.log", "w")
+        procs[stage] = subprocess.Popen([sys.executable, "-m", "llama4_sparse.recipes.sft", *stage_argv], env=env,
+                                        stdout=logs[stage], stderr=subprocess.STDOUT)
+    print(f"[demo] training {' and '.join(procs)} side by side, one thread each; logs: "
+          f"{', '.join(str(out / f'{s}.log') for s in procs)}", flush=True)
+    seconds = {}
+    try:
+        for stage, proc in procs.items():
+            if proc.wait() != 0:
+                raise RuntimeError(f"SFT stage {stage} failed (exit {proc.returncode}); see {out / f'{stage}.log'}")
+            seconds[stage] = time.time() - start
+    finally:
+        for stage, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            logs[stage].close()
+    return seconds
 
 
 def log_history(run_dir: Path) -> list[dict]:
@@ -136,6 +193,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sft_from", default=None,
                         help="reuse init, sft_direct and sft_cot of an earlier demo output dir (same --seed) and "
                              "train only the RL stage")
+    parser.add_argument("--sft_jobs", type=int, default=2 if (os.cpu_count() or 1) >= 2 else 1,
+                        help="train sft_direct and sft_cot at once as two single-threaded processes (2, the default "
+                             "with 2+ cores) or one after the other in this process (1)")
     parser.add_argument("--sft_args", type=shlex.split, default=[],
                         help='extra sft.py arguments in one string, e.g. --sft_args="--learning_rate 3e-3"')
     parser.add_argument("--rl_args", type=shlex.split, default=[], help="extra arguments of the RL script, likewise")
@@ -199,13 +259,21 @@ def main(argv=None) -> list[dict]:
         init_dir = build_initial_model(out, args.seed)
         record("init", init_dir, 0.0)
         sft_steps = ["--max_steps", str(args.sft_steps)] if args.sft_steps else []
-        for stage, cot in (("sft_direct", "false"), ("sft_cot", "true")):
-            run_dir = out / stage
-            t = time.time()
-            sft.main(["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir",
-                      str(run_dir), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *args.sft_args])
-            record(stage, run_dir, time.time() - t, passk=stage == "sft_cot")
-            curves[stage] = log_history(run_dir)
+        # sft_direct is sft_cot's data with the chain left out: a self_check has no chain to check there.
+        direct_args = without_option(args.sft_args, "--self_check")
+        stage_args = {stage: ["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir",
+                              str(out / stage), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *extra]
+                      for stage, cot, extra in (("sft_direct", "false", direct_args), ("sft_cot", "true", args.sft_args))}
+        seconds = train_side_by_side(stage_args, out) if args.sft_jobs > 1 else None
+        for stage in stage_args:
+            if seconds is None:
+                t = time.time()
+                sft.main(stage_args[stage])
+                took = time.time() - t
+            else:
+                took = seconds[stage]
+            record(stage, out / stage, took, passk=stage == "sft_cot")
+            curves[stage] = log_history(out / stage)
         sft_dir = out / "sft_cot"
 
     rl_steps = ["--max_steps", str(args.rl_steps)] if args.rl_steps else []

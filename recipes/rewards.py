@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from math_verify import parse, verify
 
 from llama4_sparse.eval.sandbox import run_programs
+from llama4_sparse.recipes.data.arithmetic import CHECK_MARKER
 
 THINK_START = "<|reasoning_thinking_start|>"
 THINK_END = "<|reasoning_thinking_end|>"
@@ -52,6 +53,40 @@ def accuracy_reward(completions: Sequence[str], answer: Sequence[str], **_) -> l
         predicted = parse(final_answer(split_completion(completion)[1]))
         rewards.append(float(bool(predicted) and verify(gold, predicted)))
     return rewards
+
+
+_CHAIN_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_BACK_TO = re.compile(r"Back to (\d+)")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+          "/": lambda a, b: a / b if b else None}
+
+
+def self_check_passes(completion: str) -> bool:
+    """Whether the completion checks its own result and the check holds: after the worked chain, a
+    `Check:` that starts from the stated final answer, undoes the steps with right arithmetic (each step
+    starting where the last ended) and comes back to the chain's own start, which it names (`Back to N`).
+    Needs no gold answer: it verifies the completion against itself (`recipes.data.arithmetic.Problem.check`).
+    The thinking markers may be there or not (the eval harness's samples drop them); `format_reward`
+    scores them."""
+    text = completion.replace(THINK_START, " ").replace(THINK_END, " ")
+    if CHECK_MARKER not in text:
+        return False
+    chain, check = text.split(CHECK_MARKER, 1)
+    forward, undo = _CHAIN_STEP.findall(chain), _CHAIN_STEP.findall(check)
+    back, stated = _BACK_TO.search(check), final_answer(check)
+    if not forward or not undo or back is None or not stated.isdigit():
+        return False
+    value = int(stated)
+    for a, op, b, c in undo:
+        if int(a) != value or _APPLY[op](int(a), int(b)) != int(c):
+            return False
+        value = int(c)
+    return value == int(forward[0][0]) == int(back[1])
+
+
+def self_check_reward(completions: Sequence[str], **_) -> list[float]:
+    """1.0 when the completion's own check of its result holds (`self_check_passes`), else 0.0."""
+    return [float(self_check_passes(c)) for c in completions]
 
 
 def format_reward(completions: Sequence[str], **_) -> list[float]:
@@ -98,6 +133,7 @@ REWARDS: dict[str, Callable] = {
     "format": format_reward,
     "code": code_reward,
     "length": length_penalty,
+    "self_check": self_check_reward,
 }
 
 

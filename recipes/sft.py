@@ -39,6 +39,10 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
     chain_of_thought: bool = field(default=True, metadata={
         "help": "Synthetic arithmetic: train on the worked chain and the answer (true), or on the answer alone "
                 "with the chain left out (false: the 'direct' baseline that shows what the chain is worth)."})
+    self_check: bool = field(default=False, metadata={
+        "help": "Synthetic arithmetic with chain_of_thought: end every worked chain with a check of its result "
+                "(the steps undone from the answer back to the start) before the final answer, so the model "
+                "learns to verify its own logic; GRPO's `self_check` reward scores whether that check holds."})
     terse_chain_share: float = field(default=0.0, metadata={
         "help": "Synthetic arithmetic with chain_of_thought: the share of training problems whose chain is a sketch "
                 "(start and changes, running totals left out) instead of the worked chain. SFT then imitates both "
@@ -52,6 +56,8 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.self_check and (not self.chain_of_thought or self.terse_chain_share > 0):
+            raise ValueError("self_check checks worked chains: it needs chain_of_thought true and terse_chain_share 0")
         if not 0.0 <= self.terse_chain_share <= 1.0:
             raise ValueError(f"terse_chain_share is a share of the training problems, in [0, 1]; got {self.terse_chain_share}")
         low, high = self.terse_chain_share - self.terse_chain_skew, self.terse_chain_share + self.terse_chain_skew
@@ -89,7 +95,8 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
             lean = skew if item and item[1] in leaning else -skew
             return rng.random() < share + lean
 
-        return Dataset.from_list([{"messages": p.messages(template, cot, terse=terse(p))}
+        check = getattr(recipe_args, "self_check", False)
+        return Dataset.from_list([{"messages": p.messages(template, cot, terse=terse(p), self_check=check and p.family == "chain")}
                                   for p in synthetic_problems(recipe_args)])
     return local_dataset(recipe_args)
 

@@ -202,3 +202,30 @@ def test_sketch_share_leans_by_item_so_greedy_style_follows_the_question():
     assert 0.65 < counts[True][0] / counts[True][1] < 0.85 and 0.15 < counts[False][0] / counts[False][1] < 0.35
     with pytest.raises(ValueError, match="terse_chain_skew"):
         SFTArguments(terse_chain_share=0.5, terse_chain_skew=0.6)
+
+
+def test_self_check_undoes_every_step_from_the_answer_back_to_the_start():
+    for problem in generate_problems(50, seed=3, families=("chain",), max_operand=20):
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", problem.reasoning)
+        check = problem.check
+        undo = re.findall(r"(\d+) ([-+/]) (\d+) = (\d+)", check)
+        assert check.startswith("Check: ") and check.endswith(f"Back to {steps[0][0]}, the start.")
+        assert len(undo) == len(steps) and int(undo[0][0]) == problem.answer
+        value = problem.answer
+        for a, op, b, c in undo:  # each inverse step is right and starts where the last one ended
+            assert int(a) == value and {"+": int(a) + int(b), "-": int(a) - int(b), "/": int(a) / int(b)}[op] == int(c)
+            value = int(c)
+        assert value == int(steps[0][0])
+        reply = problem.messages(self_check=True)[1]
+        assert reply["reasoning"] == f"{problem.reasoning} {check}"
+    with pytest.raises(ValueError, match="self_check checks a worked chain"):
+        problem.messages(terse=True, self_check=True)
+
+
+def test_sft_data_with_self_check_ends_every_chain_with_its_check():
+    from llama4_sparse.recipes.sft import SFTArguments, sft_dataset
+
+    rows = sft_dataset(SFTArguments(problem_families=["chain"], max_operand=20, num_train_examples=50, self_check=True))
+    assert all(" Check: " in r["messages"][1]["reasoning"] for r in rows)
+    with pytest.raises(ValueError, match="self_check"):
+        SFTArguments(self_check=True, chain_of_thought=False)

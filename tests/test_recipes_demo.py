@@ -79,3 +79,20 @@ def test_chain_styles_tell_worked_chains_from_sketches_and_score_each(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert demo.chain_styles(path) == {"worked_chain_share": 0.4, "strict_when_worked": 0.5, "strict_otherwise": 0.3333}
+
+
+def test_self_check_report_scores_the_checks_against_the_truth():
+    right = "3 + 4 = 7. 7 * 2 = 14. Check: 14 / 2 = 7. 7 - 4 = 3. Back to 3, the start.The final answer is 14"
+    missed = "3 + 4 = 7. 7 * 2 = 15. Check: 15 / 2 = 7. 7 - 4 = 3. Back to 3, the start.The final answer is 15"
+    caught = "3 + 4 = 8. 8 * 2 = 16. Check: 16 / 2 = 8. 8 - 4 = 4. Back to 3, the start.The final answer is 16"
+    rows = [{"output": right, "correct_strict": True}, {"output": missed, "correct_strict": False},
+            {"output": caught, "correct_strict": False}, {"output": right, "correct_strict": True}]
+    # `missed` botches its check (15 / 2 is not 7) and `caught` undoes to 4, not 3: neither holds, as neither answer is right.
+    assert demo.self_check_report(rows) == {"check_holds": 0.5, "check_agrees_with_truth": 1.0, "check_holds_when_wrong": 0.0}
+    rows[1]["output"] = right.replace("final answer is 14", "final answer is 15")  # a check that skips its own answer
+    assert demo.self_check_report(rows)["check_holds"] == 0.5
+
+
+def test_without_option_drops_the_option_and_its_value():
+    assert demo.without_option(["--a", "1", "--self_check", "true", "--b"], "--self_check") == ["--a", "1", "--b"]
+    assert demo.without_option(["--self_check=true", "--x"], "--self_check") == ["--x"]

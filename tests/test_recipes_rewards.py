@@ -11,6 +11,7 @@ from llama4_sparse.recipes.rewards import (
     for_trl,
     format_reward,
     length_penalty,
+    self_check_reward,
 )
 from llama4_sparse.tokenizer import load_tokenizer
 
@@ -91,3 +92,20 @@ def test_code_reward_runs_answers_in_the_sandbox_and_refuses_without_isolation(m
         code_reward([answer], [tests])
     with pytest.warns(UserWarning, match="WITHOUT isolation"):
         assert code_reward([answer], [tests], allow_unsandboxed=True) == [1.0]
+
+
+def test_self_check_reward_holds_only_for_a_right_check_of_the_stated_answer():
+    from llama4_sparse.recipes.data.arithmetic import generate_problems
+
+    problem = generate_problems(1, seed=0, families=("chain",), max_operand=20)[0]
+    chain, check = problem.reasoning, problem.check  # 13 - 6 = 7. ... 9 + 7 = 16. / Check: 16 - 7 = 9. ...
+    good = _completion(f"{chain} {check}", problem.final)
+    wrong_answer = _completion(f"{chain} {check}", "The final answer is 17")  # the check starts from 16, not 17
+    bad_step = _completion(f"{chain} {check.replace('14 / 2 = 7', '14 / 2 = 6')}", problem.final)
+    wrong_start = _completion(f"{chain} {check.replace('Back to 13', 'Back to 12')}", problem.final)
+    no_check = _completion(chain, problem.final)
+    no_answer = _completion(f"{chain} {check}", "I am not sure")
+    # The harness's samples drop the thinking markers; the check reads the same without them.
+    plain = f"{chain} {check}{problem.final}"
+    # A check that holds needs no gold answer: it compares the completion with itself.
+    assert self_check_reward([good, wrong_answer, bad_step, wrong_start, no_check, no_answer, plain]) == [1, 0, 0, 0, 0, 0, 1]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from .splits import check_split, draw_distinct, split_of
 
 _STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+# Undoing a step: its total, the inverse operation and the same operand give back the step's input.
+_INVERSE = {"+": "-", "-": "+", "*": "/"}
+CHECK_MARKER = "Check:"
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "cookies", "stickers")
 
@@ -52,14 +55,32 @@ class Problem:
             raise ValueError(f"no `a op b = c` step in the {self.family} chain {self.reasoning!r} to sketch")
         return f"{steps[0][0]} " + ", ".join(f"{op} {b}" for _, op, b, _ in steps) + "."
 
+    @property
+    def check(self) -> str:
+        """A check of the chain's result by substituting it back: undo each step from the answer, in reverse
+        order, and see that the start comes out (`Check: 16 - 7 = 9. 9 + 5 = 14. 14 / 2 = 7. 7 + 6 = 13.
+        Back to 13, the start.`). Every check step is arithmetic a reward can verify without the gold answer
+        (`recipes.rewards.self_check_reward`)."""
+        steps = _STEP.findall(self.reasoning)
+        if not steps:
+            raise ValueError(f"no `a op b = c` step in the {self.family} chain {self.reasoning!r} to check")
+        undo = " ".join(f"{c} {_INVERSE[op]} {b} = {a}." for a, op, b, c in reversed(steps))
+        return f"{CHECK_MARKER} {undo} Back to {steps[0][0]}, the start."
+
     def prompt(self, template: str = "{question}") -> list[dict]:
         return [{"role": "user", "content": template.format(question=self.question)}]
 
-    def messages(self, template: str = "{question}", chain_of_thought: bool = True, terse: bool = False) -> list[dict]:
+    def messages(self, template: str = "{question}", chain_of_thought: bool = True, terse: bool = False,
+                 self_check: bool = False) -> list[dict]:
         """The user turn (the question through `template`) and the assistant's reasoning and answer;
         without `chain_of_thought` the assistant answers directly (no thinking block); with `terse` the
-        thinking block holds the sketch (`terse_reasoning`) instead of the worked chain."""
+        thinking block holds the sketch (`terse_reasoning`) instead of the worked chain; with `self_check`
+        the worked chain is followed by its `check` before the answer."""
+        if self_check and (terse or not chain_of_thought):
+            raise ValueError("self_check checks a worked chain: it needs chain_of_thought and no sketch (terse)")
         reasoning = self.terse_reasoning if terse else self.reasoning
+        if self_check:
+            reasoning = f"{reasoning} {self.check}"
         reply = {"role": "assistant", "reasoning": reasoning, "content": self.final} if chain_of_thought else \
             {"role": "assistant", "content": self.final}
         return [*self.prompt(template), reply]
