@@ -3,6 +3,7 @@
     python bench/rl_study.py --seeds 0 1 2 --methods grpo dpo rlhf --output_dir runs/rl_study [--jobs 2]
     python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
     python bench/rl_study.py --curves runs/demo/grpo          # one RL run's per-step diagnostics
+    python bench/rl_study.py --score MODEL_DIR [--passk] [--max_new_tokens 128]   # one model, the demo's metrics
 
 Per seed, `python -m llama4_sparse.recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
 start from that run's sft_cot (`--sft_from`), so every method of a seed is compared on the same SFT model.
@@ -105,6 +106,19 @@ def curves(run: Path) -> str:
     return "\n".join(lines)
 
 
+def score(model_dir: Path, passk: bool, max_new_tokens: int) -> dict:
+    """Any saved policy scored as a demo stage is (same held-out problems, metrics and pass@8 draw), so models
+    trained outside the demo (longer runs, other mixes) are compared with its stages on equal terms."""
+    import tempfile
+
+    from llama4_sparse.recipes import demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, passk_dir = demo.heldout_sets(Path(tmp), 100, 50)
+        return {"model": str(model_dir), **demo.score_model(model_dir, data_dir, Path(tmp) / "eval", max_new_tokens,
+                                                             passk_dir if passk else None)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -113,9 +127,15 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one thread each")
     parser.add_argument("--report", default=None, help="only write the table of the runs under this folder")
     parser.add_argument("--curves", default=None, help="print one RL run's per-step diagnostics and exit")
+    parser.add_argument("--score", default=None, help="score one saved policy as the demo scores a stage, and exit")
+    parser.add_argument("--passk", action="store_true", help="with --score: also sampled pass@1 / pass@8")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="with --score: 128 for self-checked chains")
     args, extra = parser.parse_known_args(argv)
     if args.curves:
         print(curves(Path(args.curves)))
+        return
+    if args.score:
+        print(json.dumps(score(Path(args.score), args.passk, args.max_new_tokens)))
         return
     out = Path(args.report or args.output_dir)
     if not args.report:

@@ -51,15 +51,16 @@ from llama4_sparse.tokenizer import load_tokenizer
 _WORKED_STEP = re.compile(r"\d+ [-+*] \d+ = \d+")
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 RL_METHODS = ("grpo", "dpo", "rlhf")
-# A worked 4-step chain with its answer is about 50 tokens.
+# A worked 4-step chain with its answer is about 50 tokens; with its self-check (`--self_check`) about 100.
 MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS_WITH_CHECK = 128
 # On-policy DPO rounds: full fine-tune (the reference is the round's starting model), pairs from 4 samples
 # per training problem at temperature 1.0, an SFT term on the chosen chain (dpo.yaml's loss_type).
 DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy_temperature", "1.0",
-                 "--on_policy_max_new_tokens", "64", "--num_train_examples", "256", "--learning_rate", "2e-5",
+                 "--num_train_examples", "256", "--learning_rate", "2e-5",
                  "--max_steps", "30"]
 # The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
-REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4", "--on_policy_max_new_tokens", "64"]
+REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
 
 
 def load_policy(model_dir: Path):
@@ -90,6 +91,51 @@ def self_check_report(rows: list[dict]) -> dict:
     return {"check_holds": round(sum(holds) / len(rows), 4),
             "check_agrees_with_truth": round(sum(h == bool(r["correct_strict"]) for h, r in zip(holds, rows)) / len(rows), 4),
             "check_holds_when_wrong": round(sum(wrong) / len(wrong), 4) if wrong else None}
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value `argv` gives the option `name` (`--name value`, `--name=value`, or a bare `--name` flag: "true"),
+    the last one winning as in argparse; None when absent."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def generation_budget(sft_args: list[str]) -> int:
+    """Longest generation the stages' scores, samples and RL completions need: a self-checked chain is about twice
+    a plain one, and a truncated answer would score as wrong."""
+    check = option_value(sft_args, "--self_check")
+    return MAX_NEW_TOKENS_WITH_CHECK if check is not None and check.lower() in ("true", "1", "yes") else MAX_NEW_TOKENS
+
+
+def heldout_sets(out: Path, num_eval: int, num_passk: int) -> tuple[Path, Path]:
+    """The demo's held-out problems (the test split of `configs/tiny/sft.yaml`'s task, seed 0) and the subset
+    sampled for pass@k, as gsm8k-layout folders under `out`."""
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
+    task = [config[key] for key in ("problem_families", "max_operand", "problem_steps")]
+    return (write_heldout(out / "data", num_eval, *task, seed=0), write_heldout(out / "data_passk", num_passk, *task, seed=0))
+
+
+def score_model(model_dir: Path, data_dir: Path, output_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS,
+                passk_dir: Path | None = None, seed: int = 0) -> dict:
+    """A stage's scores: greedy strict/flexible through the eval harness (samples under `output_dir`), how the
+    answers reason (`chain_styles`), and, with `passk_dir`, sampled pass@1 and pass@8 there."""
+    # Every run trains its models anew, so samples an earlier run scored belong to other weights.
+    shutil.rmtree(output_dir, ignore_errors=True)
+    model, tokenizer = load_policy(model_dir)
+    result = score_heldout(model, tokenizer, data_dir, max_new_tokens=max_new_tokens, output_dir=output_dir)
+    entry = {"strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"], "n": result["n"],
+             **chain_styles(output_dir / "samples_gsm8k_chat.jsonl")}
+    if passk_dir is not None:
+        sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, max_new_tokens=max_new_tokens, seed=seed)
+        entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
+    return entry
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
@@ -206,35 +252,23 @@ def main(argv=None) -> list[dict]:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    sft_config = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
-    task = {key: sft_config[key] for key in ("problem_families", "max_operand", "problem_steps")}
-    data_dir = write_heldout(out / "data", args.num_eval, task["problem_families"], task["max_operand"],
-                             task["problem_steps"], seed=0)
-    passk_dir = write_heldout(out / "data_passk", args.num_passk, task["problem_families"], task["max_operand"],
-                              task["problem_steps"], seed=0)
+    data_dir, passk_dir = heldout_sets(out, args.num_eval, args.num_passk)
+    budget = generation_budget(args.sft_args)
 
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
               "--disable_tqdm", "true"]
-    curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(MAX_NEW_TOKENS)]
+    curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(budget)]
     # SFT starts from init, which is scored already (0%): its curve starts at the first interval.
     sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_at_start", "false", *curve]
     rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), *curve]
+    completions = ["--max_completion_length", str(budget)]
     stages, curves = [], {}
     start = time.time()
 
     def record(stage: str, model_dir: Path, seconds: float, passk: bool = False, **extra) -> None:
-        # Every run trains its models anew, so samples an earlier run scored belong to other weights.
-        shutil.rmtree(out / "eval" / stage, ignore_errors=True)
-        model, tokenizer = load_policy(model_dir)
-        result = score_heldout(model, tokenizer, data_dir, max_new_tokens=MAX_NEW_TOKENS, output_dir=out / "eval" / stage)
-        entry = {"stage": stage, "strict": result["exact_match_strict"], "flexible": result["exact_match_flexible"],
-                 "n": result["n"], "train_seconds": round(seconds, 1), **extra,
-                 **chain_styles(out / "eval" / stage / "samples_gsm8k_chat.jsonl")}
-        if passk:
-            sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed)
-            entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
+        entry = {"stage": stage, **score_model(model_dir, data_dir, out / "eval" / stage, budget,
+                                               passk_dir if passk else None, args.seed),
+                 "train_seconds": round(seconds, 1), **extra}
         stages.append(entry)
         print(f"[demo] {stage}: strict {entry['strict']:.1%}, flexible {entry['flexible']:.1%}"
               + (f", pass@8 {entry['pass@8']:.1%}" if passk else "") + f", chain worked out in "
@@ -281,7 +315,7 @@ def main(argv=None) -> list[dict]:
     if args.rl_method == "grpo":
         rl_dir = out / "grpo"
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                   str(rl_dir), *common, *rl_curve, *rl_steps, *args.rl_args])
+                   str(rl_dir), *common, *rl_curve, *completions, *rl_steps, *args.rl_args])
         curves["grpo"] = log_history(rl_dir)
         record("grpo", rl_dir, time.time() - t, passk=True)
     elif args.rl_method == "dpo":
@@ -289,13 +323,14 @@ def main(argv=None) -> list[dict]:
 
         def after_round(r: int, round_dir: Path) -> None:
             model, tokenizer = load_policy(round_dir)
-            score = score_heldout(model, tokenizer, passk_dir, max_new_tokens=MAX_NEW_TOKENS)
+            score = score_heldout(model, tokenizer, passk_dir, max_new_tokens=budget)
             history.append({"step": r, "heldout_strict": score["exact_match_strict"]})
             print(f"[demo] dpo round {r}: held-out slice strict {score['exact_match_strict']:.1%}", flush=True)
 
         final = online_dpo.run_rounds(args.dpo_rounds, [
             "--config", str(CONFIGS / "dpo.yaml"), "--model_name_or_path", str(sft_dir), *common, *DPO_ON_POLICY,
-            *rl_steps, *args.rl_args], out / "dpo_rounds", first_seed=100 + 10 * args.seed, on_round_end=after_round)
+            "--on_policy_max_new_tokens", str(budget), *rl_steps, *args.rl_args], out / "dpo_rounds",
+            first_seed=100 + 10 * args.seed, on_round_end=after_round)
         curves["dpo (x = round)"] = history
         shutil.rmtree(out / "dpo", ignore_errors=True)
         shutil.copytree(final, out / "dpo")
@@ -306,10 +341,11 @@ def main(argv=None) -> list[dict]:
         # failed samples (vs its verified ones).
         reward.main(["--config", str(CONFIGS / "reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                      str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
-                     "--policy_name_or_path", str(sft_dir), *REWARD_DATA, *args.reward_args])
+                     "--policy_name_or_path", str(sft_dir), *REWARD_DATA, "--on_policy_max_new_tokens", str(budget),
+                     *args.reward_args])
         rl_dir = out / "rlhf"
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                   str(rl_dir), *common, *rl_curve, "--rewards", "reward_model", "--reward_weights", "1.0",
+                   str(rl_dir), *common, *rl_curve, *completions, "--rewards", "reward_model", "--reward_weights", "1.0",
                    "--reward_model_path", str(rm_dir), *rl_steps, *args.rl_args])
         curves["rlhf"] = log_history(rl_dir)
         record("rlhf", rl_dir, time.time() - t, passk=True)

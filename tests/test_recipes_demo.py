@@ -96,3 +96,20 @@ def test_self_check_report_scores_the_checks_against_the_truth():
 def test_without_option_drops_the_option_and_its_value():
     assert demo.without_option(["--a", "1", "--self_check", "true", "--b"], "--self_check") == ["--a", "1", "--b"]
     assert demo.without_option(["--self_check=true", "--x"], "--self_check") == ["--x"]
+
+
+def test_self_checked_chains_get_the_longer_generation_budget():
+    # A self-checked 4-step chain with its answer is ~100 tokens: scoring it within 64 would cut the answer off.
+    from llama4_sparse.recipes.data.arithmetic import generate_problems
+    from llama4_sparse.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    problem = generate_problems(1, families=("chain",))[0]
+    reply = problem.messages(self_check=True)[-1]
+    length = len(tokenizer(reply["reasoning"] + reply["content"], add_special_tokens=False)["input_ids"]) + 3
+    assert demo.MAX_NEW_TOKENS < length <= demo.MAX_NEW_TOKENS_WITH_CHECK
+    for argv in (["--self_check", "true"], ["--self_check=True"], ["--x", "1", "--self_check"]):
+        assert demo.generation_budget(argv) == demo.MAX_NEW_TOKENS_WITH_CHECK, argv
+    for argv in ([], ["--self_check", "false"], ["--self_check=true", "--self_check", "false"]):
+        assert demo.generation_budget(argv) == demo.MAX_NEW_TOKENS, argv
+    assert demo.option_value(["--a", "1", "--a=2"], "--a") == "2" and demo.option_value(["--ab", "1"], "--a") is None

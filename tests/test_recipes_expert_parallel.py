@@ -3,47 +3,22 @@ experts, the rest of the model is FSDP2-sharded, training matches one process wi
 folders it writes are normal checkpoints; launches that cannot do EP are refused with the fix."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from llama4_sparse.modeling_llama4 import Llama4ForCausalLM
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "recipes" / "configs" / "tiny"
-CONFIGS = REPO / "recipes" / "accelerate_configs"
-COMMON = ["--config", str(TINY / "sft.yaml"), "--num_train_examples", "32", "--prompt_style", "plain",
-          "--logging_steps", "1", "--disable_tqdm", "true", "--warmup_steps", "0", "--lr_scheduler_type",
-          "constant", "--max_steps", "3", "--seed", "0"]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+from recipe_launch import ACCELERATE_CONFIGS as CONFIGS
+from recipe_launch import COMMON, TINY, accelerate_launch, history, probe_logits, save_tiny_init, single_process
 
 
 def _common(recipe_config: Path | None) -> list[str]:
     return COMMON if recipe_config is None else ["--config", str(recipe_config), *COMMON[2:]]
 
 
-def _launch(*args, config=CONFIGS / "fsdp2_ep_cpu.yaml", recipe_config=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["accelerate", "launch", "--config_file", str(config), str(REPO / "recipes" / "sft.py"),
-                           *_common(recipe_config), "--per_device_train_batch_size", "4", *args],
-                          env=_env(), capture_output=True, text=True, timeout=600)
-
-
-def _history(run: Path, key: str) -> list[float]:
-    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    return [h[key] for h in history if key in h and "train_runtime" not in h]
-
-
-def _logits(run: Path) -> torch.Tensor:
-    probe = torch.tensor([list(range(4096, 4100)) + list(range(100, 160))])
-    with torch.no_grad():
-        return Llama4ForCausalLM.from_pretrained(run)(probe).logits
+def _launch(*args, config=CONFIGS / "fsdp2_ep_cpu.yaml", recipe_config=None):
+    return accelerate_launch(config, *_common(recipe_config), "--per_device_train_batch_size", "4", *args)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +29,9 @@ def runs(tmp_path_factory):
     balanced.write_text((TINY / "sft.yaml").read_text() + "model_overrides: {moe_load_balancing: aux_loss_free}\n")
     ep = _launch("--expert_parallel_size", "2", "--save_strategy", "steps", "--save_steps", "2",
                  "--output_dir", str(root / "ep"), recipe_config=balanced)
-    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *_common(balanced),
+    single = single_process(*_common(balanced),
                              "--per_device_train_batch_size", "8", "--save_strategy", "no",
-                             "--output_dir", str(root / "single")],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+                             "--output_dir", str(root / "single"))
     return root, ep, single
 
 
@@ -76,10 +50,10 @@ def test_expert_parallel_splits_the_experts_and_shards_the_rest(runs):
 def test_expert_parallel_matches_one_process_with_the_same_global_batch(runs):
     root, ep, single = runs
     assert ep.returncode == 0 and single.returncode == 0, (ep.stderr + single.stderr)[-3000:]
-    assert _history(root / "ep", "epoch")[-1] == pytest.approx(3 * 8 / 32)  # 2 ranks x 4 = 8 per step
-    assert _history(root / "ep", "loss") == pytest.approx(_history(root / "single", "loss"), rel=1e-4)
+    assert history(root / "ep", "epoch")[-1] == pytest.approx(3 * 8 / 32)  # 2 ranks x 4 = 8 per step
+    assert history(root / "ep", "loss") == pytest.approx(history(root / "single", "loss"), rel=1e-4)
     # The clipped norm covers every expert once: an expert gradient scaled by the ep size would change it.
-    assert _history(root / "ep", "grad_norm") == pytest.approx(_history(root / "single", "grad_norm"), rel=1e-3)
+    assert history(root / "ep", "grad_norm") == pytest.approx(history(root / "single", "grad_norm"), rel=1e-3)
     mine = Llama4ForCausalLM.from_pretrained(root / "ep").state_dict()
     reference = Llama4ForCausalLM.from_pretrained(root / "single").state_dict()
     assert mine.keys() == reference.keys()
@@ -92,7 +66,7 @@ def test_expert_parallel_matches_one_process_with_the_same_global_batch(runs):
         diff = (mine[name] - weight).abs()
         assert diff.mean() < 1e-4, (name, diff.mean())
         assert (diff > 2e-3).float().mean() < 1e-3, (name, int((diff > 2e-3).sum()))
-    torch.testing.assert_close(_logits(root / "ep"), _logits(root / "single"), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(probe_logits(root / "ep"), probe_logits(root / "single"), rtol=1e-3, atol=1e-3)
 
 
 def test_expert_parallel_final_folder_is_a_full_checkpoint(runs):
@@ -117,29 +91,22 @@ def test_expert_parallel_resumes_from_a_sharded_checkpoint(runs):
                       str(root / "ep" / "checkpoint-2"), "--output_dir", str(root / "resumed"),
                       recipe_config=root / "sft_balanced.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _history(root / "resumed", "loss")[-1] == pytest.approx(_history(root / "ep", "loss")[-1], rel=1e-5)
-    torch.testing.assert_close(_logits(root / "resumed"), _logits(root / "ep"), rtol=1e-5, atol=1e-5)
+    assert history(root / "resumed", "loss")[-1] == pytest.approx(history(root / "ep", "loss")[-1], rel=1e-5)
+    torch.testing.assert_close(probe_logits(root / "resumed"), probe_logits(root / "ep"), rtol=1e-5, atol=1e-5)
 
 
 def test_expert_parallel_with_lora_matches_one_process(tmp_path):
     """LoRA on attention and the shared expert of a saved model (Maverick's case); the frozen routed experts are
     split. Dropout 0, so every rank computes what one process does."""
-    from llama4_sparse.modeling_llama4 import Llama4TextConfig
-    from llama4_sparse.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")).save_pretrained(tmp_path / "init")
-    load_tokenizer().save_pretrained(tmp_path / "init")
-    lora = ["--model_name_or_path", str(tmp_path / "init"), "--use_peft", "true", "--lora_experts", "false",
+    lora = ["--model_name_or_path", str(save_tiny_init(tmp_path / "init")), "--use_peft", "true", "--lora_experts", "false",
             "--lora_r", "8", "--lora_dropout", "0",
             "--learning_rate", "1e-2", "--save_strategy", "no"]
     ep = _launch("--expert_parallel_size", "2", *lora, "--output_dir", str(tmp_path / "ep"))
     assert ep.returncode == 0, ep.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *COMMON, *lora,
-                             "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single")],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+    single = single_process(*COMMON, *lora,
+                             "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr[-3000:]
-    assert _history(tmp_path / "ep", "loss") == pytest.approx(_history(tmp_path / "single", "loss"), rel=1e-4)
+    assert history(tmp_path / "ep", "loss") == pytest.approx(history(tmp_path / "single", "loss"), rel=1e-4)
     from safetensors.torch import load_file
 
     mine, reference = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ep", "single"))
@@ -168,8 +135,7 @@ def test_expert_parallel_without_fsdp2_is_refused(tmp_path):
 
 
 def test_expert_parallel_on_one_process_is_refused(tmp_path):
-    alone = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), *COMMON, "--expert_parallel_size", "2",
-                            "--save_strategy", "no", "--output_dir", str(tmp_path / "alone")],
-                           env=_env(), capture_output=True, text=True, timeout=600)
+    alone = single_process(*COMMON, "--expert_parallel_size", "2",
+                            "--save_strategy", "no", "--output_dir", str(tmp_path / "alone"))
     assert alone.returncode != 0
     assert "expert_parallel_size 2 needs that many processes" in alone.stderr
