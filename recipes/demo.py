@@ -43,6 +43,7 @@ import torch
 
 from llama4_sparse.modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
 from llama4_sparse.recipes import grpo, online_dpo, reward, sft
+from llama4_sparse.recipes.argv import option_value, without_option
 from llama4_sparse.recipes.callbacks import TASK, sampled_pass_at_k, score_heldout, write_heldout
 from llama4_sparse.recipes.data.arithmetic import CHECK_MARKER
 from llama4_sparse.recipes.rewards import self_check_passes
@@ -93,18 +94,6 @@ def self_check_report(rows: list[dict]) -> dict:
             "check_holds_when_wrong": round(sum(wrong) / len(wrong), 4) if wrong else None}
 
 
-def option_value(argv: list[str], name: str) -> str | None:
-    """The value `argv` gives the option `name` (`--name value`, `--name=value`, or a bare `--name` flag: "true"),
-    the last one winning as in argparse; None when absent."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def generation_budget(sft_args: list[str]) -> int:
     """Longest generation the stages' scores, samples and RL completions need: a self-checked chain is about twice
     a plain one, and a truncated answer would score as wrong."""
@@ -136,19 +125,6 @@ def score_model(model_dir: Path, data_dir: Path, output_dir: Path, max_new_token
         sampled = sampled_pass_at_k(model, tokenizer, passk_dir, k=8, max_new_tokens=max_new_tokens, seed=seed)
         entry.update({"pass@1_sampled": sampled["pass@1_sampled"], "pass@8": sampled["pass@8"]})
     return entry
-
-
-def without_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name` and its value (`--name value` or `--name=value`)."""
-    kept, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        elif not arg.startswith(name + "="):
-            kept.append(arg)
-    return kept
 
 
 def train_side_by_side(stage_args: dict[str, list[str]], out: Path) -> dict[str, float]:

@@ -17,17 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llama4_sparse.recipes import dpo
-
-
-def _value(args: list[str], flag: str, default: str | None = None) -> str | None:
-    """The last value given for `flag` in a script's argument list."""
-    found = default
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            found = args[i + 1]
-        elif arg.startswith(flag + "="):
-            found = arg.split("=", 1)[1]
-    return found
+from llama4_sparse.recipes.argv import option_value
 
 
 def run_rounds(rounds: int, dpo_args: list[str], output_dir: str | Path, first_seed: int = 100,
@@ -36,10 +26,10 @@ def run_rounds(rounds: int, dpo_args: list[str], output_dir: str | Path, first_s
     for on-policy pairs (--on_policy_samples N > 0). Returns the folder of the final policy."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    policy = _value(dpo_args, "--model_name_or_path")
+    policy = option_value(dpo_args, "--model_name_or_path")
     if not policy:
         raise ValueError("on-policy DPO starts from a saved policy: pass --model_name_or_path SFT_DIR")
-    if int(_value(dpo_args, "--on_policy_samples", "0")) < 1:
+    if int(option_value(dpo_args, "--on_policy_samples", "0")) < 1:
         raise ValueError("on-policy DPO samples the policy each round: pass --on_policy_samples N (N >= 1)")
     out = Path(output_dir)
     for r in range(1, rounds + 1):
@@ -61,7 +51,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--first_seed", type=int, default=100, help="round r samples problems of seed first_seed + r")
     args, dpo_args = parser.parse_known_args(argv)
-    output_dir = _value(dpo_args, "--output_dir", "runs/online-dpo")
+    output_dir = option_value(dpo_args, "--output_dir", "runs/online-dpo")
     return run_rounds(args.rounds, dpo_args, output_dir, args.first_seed)
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from llama4_sparse.recipes import demo
+from llama4_sparse.recipes.argv import option_value, without_option
 from llama4_sparse.recipes.data.arithmetic import generate_problems
 
 QUICK = ["--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8", "--num_passk", "4", "--sft_curve_every", "2",
@@ -94,8 +95,8 @@ def test_self_check_report_scores_the_checks_against_the_truth():
 
 
 def test_without_option_drops_the_option_and_its_value():
-    assert demo.without_option(["--a", "1", "--self_check", "true", "--b"], "--self_check") == ["--a", "1", "--b"]
-    assert demo.without_option(["--self_check=true", "--x"], "--self_check") == ["--x"]
+    assert without_option(["--a", "1", "--self_check", "true", "--b"], "--self_check") == ["--a", "1", "--b"]
+    assert without_option(["--self_check=true", "--x"], "--self_check") == ["--x"]
 
 
 def test_self_checked_chains_get_the_longer_generation_budget():
@@ -112,4 +113,4 @@ def test_self_checked_chains_get_the_longer_generation_budget():
         assert demo.generation_budget(argv) == demo.MAX_NEW_TOKENS_WITH_CHECK, argv
     for argv in ([], ["--self_check", "false"], ["--self_check=true", "--self_check", "false"]):
         assert demo.generation_budget(argv) == demo.MAX_NEW_TOKENS, argv
-    assert demo.option_value(["--a", "1", "--a=2"], "--a") == "2" and demo.option_value(["--ab", "1"], "--a") is None
+    assert option_value(["--a", "1", "--a=2"], "--a") == "2" and option_value(["--ab", "1"], "--a") is None
