@@ -36,9 +36,6 @@ class HeldOutEvalArguments:
     heldout_max_new_tokens: int = field(default=96, metadata={"help": "Longest generation in those evaluations."})
     heldout_at_start: bool = field(default=True, metadata={
         "help": "Also score before the first step (off when the starting model was scored already)."})
-    heldout_problem_steps: list[int] | None = field(default=None, metadata={
-        "help": "Operations per held-out chain problem (fewest, most), when the target task is not the training "
-                "data's problem_steps (e.g. SFT on 2-3 steps scored on 4); default: problem_steps."})
 
 
 def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand: int, steps=(4, 4),
@@ -122,8 +119,7 @@ def add_heldout_eval(trainer, recipe_args, tokenizer) -> None:
         raise ValueError("heldout_eval_steps needs dataset_name: arithmetic (the held-out split of the same "
                          "generator); set heldout_eval_steps: 0 for other data")
     data_dir = write_heldout(tempfile.mkdtemp(prefix="heldout-"), recipe_args.heldout_problems,
-                             recipe_args.problem_families, recipe_args.max_operand,
-                             getattr(recipe_args, "heldout_problem_steps", None) or recipe_args.problem_steps)
+                             recipe_args.problem_families, recipe_args.max_operand, recipe_args.problem_steps)
     trainer.add_callback(HeldOutEvalCallback(tokenizer, data_dir, every, recipe_args.heldout_max_new_tokens,
                                              Path(trainer.args.output_dir) / "heldout_samples",
                                              getattr(recipe_args, "heldout_at_start", True)))
