@@ -150,6 +150,6 @@ def sampled_pass_at_k(model, tokenizer, data_dir: str | Path, k: int = 8, temper
         ok = accuracy_reward(texts, answer=[row["answer"]] * k)
         correct.append(sum(1 for r in ok if r == 1.0))
     formatted = sum(sum(format_reward(texts)) for texts in samples) / (k * len(rows))
-    return {f"pass@1_sampled": sum(pass_at_k(k, c, 1) for c in correct) / len(rows),
+    return {"pass@1_sampled": sum(pass_at_k(k, c, 1) for c in correct) / len(rows),
             f"pass@{k}": sum(pass_at_k(k, c, k) for c in correct) / len(rows),
             "sample_format": formatted, "k": k, "temperature": temperature, "n": len(rows)}
