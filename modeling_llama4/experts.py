@@ -224,21 +224,23 @@ def loop_experts(x, top_k_index, top_k_scores, gate_up_proj, down_proj) -> torch
 
 
 def padded_experts(x, top_k_index, top_k_scores, gate_up_proj, down_proj) -> torch.Tensor:
-    """Sorted pair i of expert e goes to row `e * capacity + (i - first pair of e)` of an
-    (E * capacity, D) block, capacity being the busiest expert's count; padding rows stay zero and
-    are never read back."""
-    num_experts = gate_up_proj.shape[0]
+    """Pair p (token t, expert e) goes to row `e * capacity + (p's rank among e's pairs)` of an (E * capacity, D)
+    block, capacity being the busiest expert's count; padding rows stay zero and are never read back. The rows
+    are written from, and read back into, the selection's own (token, k) order, so no sorted copy of the tokens
+    is made on the way in or out (two passes over the activations fewer than gather/scatter)."""
+    num_experts, (num_tokens, top_k) = gate_up_proj.shape[0], top_k_index.shape
     order = TokenOrder.sort(top_k_index, num_experts)
     counts = order.tokens_per_expert
     capacity = int(counts.max())
     expert = top_k_index.reshape(-1).index_select(0, order.pair)
     first = counts.cumsum(0) - counts
-    row = expert * capacity + torch.arange(expert.numel(), device=x.device) - first.index_select(0, expert)
-    routed_in = order.gather(x, top_k_scores).to(gate_up_proj.dtype)
+    sorted_row = expert * capacity + torch.arange(expert.numel(), device=x.device) - first.index_select(0, expert)
+    row = torch.empty_like(sorted_row).index_copy_(0, order.pair, sorted_row)
+    routed_in = (x.unsqueeze(1) * top_k_scores.unsqueeze(-1)).reshape(-1, x.shape[-1]).to(gate_up_proj.dtype)
     block = routed_in.new_zeros(num_experts * capacity, routed_in.shape[-1]).index_copy(0, row, routed_in)
     hidden = _swiglu(torch.bmm(block.view(num_experts, capacity, -1), gate_up_proj))
     out = torch.bmm(hidden, down_proj).reshape(num_experts * capacity, -1).index_select(0, row)
-    return order.scatter(out, top_k_index.shape[-1])
+    return out if top_k == 1 else out.view(num_tokens, top_k, -1).sum(1)
 
 
 def batched_experts(x, top_k_index, top_k_scores, gate_up_proj, down_proj) -> torch.Tensor:
