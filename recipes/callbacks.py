@@ -36,6 +36,10 @@ class HeldOutEvalArguments:
     heldout_max_new_tokens: int = field(default=96, metadata={"help": "Longest generation in those evaluations."})
     heldout_at_start: bool = field(default=True, metadata={
         "help": "Also score before the first step (off when the starting model was scored already)."})
+    heldout_keep_best: bool = field(default=False, metadata={
+        "help": "Save the model whenever its held-out score is the best so far (the start included) to "
+                "OUTPUT_DIR/best_heldout, with the step in best_heldout/heldout_best.json: a stopping rule on the "
+                "held-out curve, for runs that peak and then fall (a hacked learned reward)."})
 
 
 def write_heldout(data_dir: str | Path, num_problems: int, families, max_operand: int, steps=(4, 4),
@@ -71,10 +75,11 @@ def score_heldout(model, tokenizer, data_dir: str | Path, max_new_tokens: int = 
 class HeldOutEvalCallback(TrainerCallback):
     """Scores the model being trained on held-out problems before training (unless `at_start` is off) and every `every` steps
     (and after the last step), appending `{"step", "heldout_strict", "heldout_flexible"}` to
-    `state.log_history`; each evaluation's generations go to `samples_dir/step-N` when given."""
+    `state.log_history`; each evaluation's generations go to `samples_dir/step-N` when given. With `best_dir`,
+    the model at the best strict score so far (the earliest on ties) is saved there with the tokenizer."""
 
     def __init__(self, tokenizer, data_dir: str | Path, every: int, max_new_tokens: int = 96,
-                 samples_dir: str | Path | None = None, at_start: bool = True):
+                 samples_dir: str | Path | None = None, at_start: bool = True, best_dir: str | Path | None = None):
         if every < 1:
             raise ValueError(f"heldout_eval_steps must be >= 1 to evaluate during training, got {every}")
         if not (Path(data_dir) / "gsm8k" / "test.jsonl").is_file():
@@ -82,6 +87,8 @@ class HeldOutEvalCallback(TrainerCallback):
         self.tokenizer, self.data_dir, self.every, self.max_new_tokens = tokenizer, Path(data_dir), every, max_new_tokens
         self.samples_dir = Path(samples_dir) if samples_dir else None
         self.at_start = at_start
+        self.best_dir = Path(best_dir) if best_dir else None
+        self._best = None
         self._last_step = None
 
     def _evaluate(self, state, model) -> None:
@@ -100,6 +107,12 @@ class HeldOutEvalCallback(TrainerCallback):
         logger.info("held-out %s at step %d: strict %.1f%%, flexible %.1f%% (%d problems, %.0fs)", TASK,
                     state.global_step, 100 * entry["heldout_strict"], 100 * entry["heldout_flexible"], result["n"],
                     time.time() - start)
+        if self.best_dir is not None and (self._best is None or entry["heldout_strict"] > self._best):
+            self._best = entry["heldout_strict"]
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            model.save_pretrained(self.best_dir)
+            self.tokenizer.save_pretrained(self.best_dir)
+            (self.best_dir / "heldout_best.json").write_text(json.dumps(entry, indent=2))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.at_start:
@@ -122,7 +135,9 @@ def add_heldout_eval(trainer, recipe_args, tokenizer) -> None:
                              recipe_args.problem_families, recipe_args.max_operand, recipe_args.problem_steps)
     trainer.add_callback(HeldOutEvalCallback(tokenizer, data_dir, every, recipe_args.heldout_max_new_tokens,
                                              Path(trainer.args.output_dir) / "heldout_samples",
-                                             getattr(recipe_args, "heldout_at_start", True)))
+                                             getattr(recipe_args, "heldout_at_start", True),
+                                             Path(trainer.args.output_dir) / "best_heldout"
+                                             if getattr(recipe_args, "heldout_keep_best", False) else None))
 
 
 def sampled_pass_at_k(model, tokenizer, data_dir: str | Path, k: int = 8, temperature: float = 1.0,

@@ -62,6 +62,10 @@ DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy
                  "--max_steps", "30"]
 # The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
 REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
+# The second SFT phase (bench/rl_study.md, round 4): after sft.yaml's cosine decay, steps at a constant, halved
+# learning rate let the worked-chain arithmetic settle on seeds where the first phase left it still rising.
+SFT_SECOND_PHASE = ["--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+SFT_SECOND_PHASE_STEPS = 800
 
 
 def load_policy(model_dir: Path):
@@ -101,13 +105,18 @@ def generation_budget(sft_args: list[str]) -> int:
     return MAX_NEW_TOKENS_WITH_CHECK if check is not None and check.lower() in ("true", "1", "yes") else MAX_NEW_TOKENS
 
 
-def heldout_sets(out: Path, num_eval: int, num_passk: int) -> tuple[Path, Path]:
-    """The demo's held-out problems (the test split of `configs/tiny/sft.yaml`'s task, seed 0) and the subset
-    sampled for pass@k, as gsm8k-layout folders under `out`."""
+def demo_task() -> list:
+    """`configs/tiny/sft.yaml`'s problem families, largest operand and step counts: the task of every stage."""
     import yaml
 
     config = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
-    task = [config[key] for key in ("problem_families", "max_operand", "problem_steps")]
+    return [config[key] for key in ("problem_families", "max_operand", "problem_steps")]
+
+
+def heldout_sets(out: Path, num_eval: int, num_passk: int) -> tuple[Path, Path]:
+    """The demo's held-out problems (the test split of the demo's task, seed 0) and the subset sampled for
+    pass@k, as gsm8k-layout folders under `out`."""
+    task = demo_task()
     return (write_heldout(out / "data", num_eval, *task, seed=0), write_heldout(out / "data_passk", num_passk, *task, seed=0))
 
 
@@ -133,16 +142,16 @@ def train_side_by_side(stage_args: dict[str, list[str]], out: Path) -> dict[str,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, logs, start = {}, {}, time.time()
     for stage, stage_argv in stage_args.items():
-        logs[stage] = open(out / f"{stage}.log", "w")
+        logs[stage] = open(out / f"{Path(option_value(stage_argv, '--output_dir')).name}.log", "w")
         procs[stage] = subprocess.Popen([sys.executable, "-m", "llama4_sparse.recipes.sft", *stage_argv], env=env,
                                         stdout=logs[stage], stderr=subprocess.STDOUT)
     print(f"[demo] training {' and '.join(procs)} side by side, one thread each; logs: "
-          f"{', '.join(str(out / f'{s}.log') for s in procs)}", flush=True)
+          f"{', '.join(log.name for log in logs.values())}", flush=True)
     seconds = {}
     try:
         for stage, proc in procs.items():
             if proc.wait() != 0:
-                raise RuntimeError(f"SFT stage {stage} failed (exit {proc.returncode}); see {out / f'{stage}.log'}")
+                raise RuntimeError(f"SFT stage {stage} failed (exit {proc.returncode}); see {logs[stage].name}")
             seconds[stage] = time.time() - start
     finally:
         for stage, proc in procs.items():
@@ -153,7 +162,47 @@ def train_side_by_side(stage_args: dict[str, list[str]], out: Path) -> dict[str,
 
 
 def log_history(run_dir: Path) -> list[dict]:
+    """A run's logged curve: both SFT phases' (`curve.json`, written by `train_sft_stages`), else the trainer's."""
+    if (run_dir / "curve.json").is_file():
+        return json.loads((run_dir / "curve.json").read_text())
     return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def train_sft_stages(stage_args: dict[str, list[str]], second_phase_steps: int, out: Path, jobs: int) -> dict[str, float]:
+    """Each SFT stage (`stage_args` name their output folders), then, with `second_phase_steps` > 0, its second
+    phase from there into OUT/STAGE; with `jobs` > 1 the stages train side by side. Returns each stage's
+    seconds; the first phase's curve goes into OUT/STAGE's log history, the second's steps counted on from it."""
+    phases = [stage_args]
+    if second_phase_steps > 0:
+        phases.append({stage: [*argv, "--model_name_or_path", option_value(argv, "--output_dir"), "--output_dir",
+                               str(out / stage), "--max_steps", str(second_phase_steps), "--heldout_at_start", "false",
+                               *SFT_SECOND_PHASE] for stage, argv in stage_args.items()})
+    seconds = dict.fromkeys(stage_args, 0.0)
+    for phase in phases:
+        if jobs > 1:
+            for stage, took in train_side_by_side(phase, out).items():
+                seconds[stage] += took
+        else:
+            for stage, argv in phase.items():
+                t = time.time()
+                sft.main(argv)
+                seconds[stage] += time.time() - t
+    if second_phase_steps > 0:
+        for stage, argv in stage_args.items():
+            first = json.loads((Path(option_value(argv, "--output_dir")) / "trainer_state.json").read_text())
+            (out / stage / "curve.json").write_text(json.dumps(first["log_history"] + [
+                {**h, "step": h["step"] + first["global_step"], "phase": 2} for h in log_history(out / stage)]))
+    return seconds
+
+
+def best_on_validation(run_dir: Path) -> tuple[Path, dict]:
+    """The checkpoint an RL run kept at its best validation score (`--heldout_keep_best`), or the run's last model
+    when the run kept none, with what to record about the choice."""
+    best = run_dir / "best_heldout"
+    if not (best / "heldout_best.json").is_file():
+        return run_dir, {}
+    chosen = json.loads((best / "heldout_best.json").read_text())
+    return best, {"kept_step": chosen["step"], "kept_validation_strict": chosen["heldout_strict"]}
 
 
 def plot(stages: list[dict], curves: dict[str, list[dict]], path: Path) -> None:
@@ -201,13 +250,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every stage and the data seed offset")
     parser.add_argument("--rl_method", choices=RL_METHODS, default="grpo")
-    parser.add_argument("--sft_steps", type=int, default=None, help="default: configs/tiny/sft.yaml's max_steps")
+    parser.add_argument("--sft_steps", type=int, default=None,
+                        help="steps of the first SFT phase; default: configs/tiny/sft.yaml's max_steps")
+    parser.add_argument("--sft_second_phase_steps", type=int, default=SFT_SECOND_PHASE_STEPS,
+                        help="steps of the second SFT phase, at a constant lr 5e-4 from the first's end (0: none)")
     parser.add_argument("--rl_steps", type=int, default=None,
                         help="GRPO steps (grpo, rlhf) or DPO steps per round (dpo); default: the config's max_steps")
     parser.add_argument("--dpo_rounds", type=int, default=3, help="on-policy DPO rounds (--rl_method dpo)")
     parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
     parser.add_argument("--num_passk", type=int, default=50, help="held-out problems sampled 8 times for pass@8")
-    parser.add_argument("--sft_curve_every", type=int, default=100,
+    parser.add_argument("--sft_curve_every", type=int, default=200,
                         help="score a held-out slice every this many SFT steps while training (0: off)")
     parser.add_argument("--rl_curve_every", type=int, default=10,
                         help="score a held-out slice every this many GRPO steps while training (0: off)")
@@ -225,10 +277,14 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.dpo_rounds < 1:
         parser.error(f"--dpo_rounds must be >= 1, got {args.dpo_rounds}")
+    if args.sft_second_phase_steps < 0:
+        parser.error(f"--sft_second_phase_steps must be >= 0, got {args.sft_second_phase_steps}")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, passk_dir = heldout_sets(out, args.num_eval, args.num_passk)
+    # The RL stages' curves and stopping rule use the callback's own draw (seed 1), never the scored problems.
+    validation_dir = write_heldout(out / "data_validation", args.curve_problems, *demo_task())
     budget = generation_budget(args.sft_args)
 
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
@@ -236,7 +292,7 @@ def main(argv=None) -> list[dict]:
     curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(budget)]
     # SFT starts from init, which is scored already (0%): its curve starts at the first interval.
     sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_at_start", "false", *curve]
-    rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), *curve]
+    rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), "--heldout_keep_best", "true", *curve]
     completions = ["--max_completion_length", str(budget)]
     stages, curves = [], {}
     start = time.time()
@@ -248,7 +304,9 @@ def main(argv=None) -> list[dict]:
         stages.append(entry)
         print(f"[demo] {stage}: strict {entry['strict']:.1%}, flexible {entry['flexible']:.1%}"
               + (f", pass@8 {entry['pass@8']:.1%}" if passk else "") + f", chain worked out in "
-              f"{entry['worked_chain_share']:.0%} ({time.time() - start:.0f}s elapsed)",
+              f"{entry['worked_chain_share']:.0%}" + (f"; kept step {extra['kept_step']} (validation "
+              f"{extra['kept_validation_strict']:.0%}), last step {extra.get('last_step_strict', entry['strict']):.1%}"
+              if "kept_step" in extra else "") + f" ({time.time() - start:.0f}s elapsed)",
               flush=True)
         # Written after every stage, so an interrupted demo keeps what it measured.
         (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": round(time.time() - start, 1),
@@ -271,60 +329,68 @@ def main(argv=None) -> list[dict]:
         sft_steps = ["--max_steps", str(args.sft_steps)] if args.sft_steps else []
         # sft_direct is sft_cot's data with the chain left out: a self_check has no chain to check there.
         direct_args = without_option(args.sft_args, "--self_check")
+        first_phase = lambda stage: out / (f"{stage}_phase1" if args.sft_second_phase_steps else stage)
         stage_args = {stage: ["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir",
-                              str(out / stage), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *extra]
+                              str(first_phase(stage)), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *extra]
                       for stage, cot, extra in (("sft_direct", "false", direct_args), ("sft_cot", "true", args.sft_args))}
-        seconds = train_side_by_side(stage_args, out) if args.sft_jobs > 1 else None
+        seconds = train_sft_stages(stage_args, args.sft_second_phase_steps, out, args.sft_jobs)
         for stage in stage_args:
-            if seconds is None:
-                t = time.time()
-                sft.main(stage_args[stage])
-                took = time.time() - t
-            else:
-                took = seconds[stage]
-            record(stage, out / stage, took, passk=stage == "sft_cot")
+            record(stage, out / stage, seconds[stage], passk=stage == "sft_cot")
             curves[stage] = log_history(out / stage)
         sft_dir = out / "sft_cot"
 
     rl_steps = ["--max_steps", str(args.rl_steps)] if args.rl_steps else []
     t = time.time()
-    if args.rl_method == "grpo":
-        rl_dir = out / "grpo"
+
+    def record_rl(stage: str, run_dir: Path) -> None:
+        """The RL stage is the checkpoint of its best validation score (the start, i.e. sft_cot, included; for dpo,
+        the best round), so a run that peaks and then falls, as a hacked learned reward does, keeps its peak; the
+        last step's greedy score is recorded beside it."""
+        chosen, kept = best_on_validation(run_dir)
+        if chosen != run_dir:
+            kept["last_step_strict"] = score_model(run_dir, data_dir, out / "eval" / f"{stage}_last_step", budget)["strict"]
+        record(stage, chosen, time.time() - t, passk=True, **kept)
+
+    if args.rl_method in ("grpo", "rlhf"):
+        rl_dir = out / args.rl_method
+        rewards = []
+        if args.rl_method == "rlhf":
+            rm_dir = out / "reward_model"
+            # The reward model starts from sft_cot's text backbone and learns from corrupted chains and sft_cot's own
+            # failed samples (vs its verified ones).
+            reward.main(["--config", str(CONFIGS / "reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+                         str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
+                         "--policy_name_or_path", str(sft_dir), *REWARD_DATA, "--on_policy_max_new_tokens", str(budget),
+                         *args.reward_args])
+            rewards = ["--rewards", "reward_model", "--reward_weights", "1.0", "--reward_model_path", str(rm_dir)]
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                   str(rl_dir), *common, *rl_curve, *completions, *rl_steps, *args.rl_args])
-        curves["grpo"] = log_history(rl_dir)
-        record("grpo", rl_dir, time.time() - t, passk=True)
-    elif args.rl_method == "dpo":
-        history = []
+                   str(rl_dir), *common, *rl_curve, *completions, *rewards, *rl_steps, *args.rl_args])
+        curves[args.rl_method] = log_history(rl_dir)
+        record_rl(args.rl_method, rl_dir)
+    else:
+        # Round 0 is sft_cot: the rounds' stopping rule, like the GRPO callback's, may keep the starting model.
+        history, best = [], {}
 
         def after_round(r: int, round_dir: Path) -> None:
             model, tokenizer = load_policy(round_dir)
-            score = score_heldout(model, tokenizer, passk_dir, max_new_tokens=budget)
-            history.append({"step": r, "heldout_strict": score["exact_match_strict"]})
-            print(f"[demo] dpo round {r}: held-out slice strict {score['exact_match_strict']:.1%}", flush=True)
+            score = score_heldout(model, tokenizer, validation_dir, max_new_tokens=budget)["exact_match_strict"]
+            history.append({"step": r, "heldout_strict": score})
+            if not best or score > best["heldout_strict"]:
+                best.update(step=r, heldout_strict=score, dir=round_dir)
+            print(f"[demo] dpo round {r}: validation strict {score:.1%}", flush=True)
 
+        after_round(0, sft_dir)
         final = online_dpo.run_rounds(args.dpo_rounds, [
             "--config", str(CONFIGS / "dpo.yaml"), "--model_name_or_path", str(sft_dir), *common, *DPO_ON_POLICY,
             "--on_policy_max_new_tokens", str(budget), *rl_steps, *args.rl_args], out / "dpo_rounds",
             first_seed=100 + 10 * args.seed, on_round_end=after_round)
         curves["dpo (x = round)"] = history
         shutil.rmtree(out / "dpo", ignore_errors=True)
-        shutil.copytree(final, out / "dpo")
-        record("dpo", out / "dpo", time.time() - t, passk=True, rounds=args.dpo_rounds)
-    else:
-        rm_dir = out / "reward_model"
-        # The reward model starts from sft_cot's text backbone and learns from corrupted chains and sft_cot's own
-        # failed samples (vs its verified ones).
-        reward.main(["--config", str(CONFIGS / "reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                     str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
-                     "--policy_name_or_path", str(sft_dir), *REWARD_DATA, "--on_policy_max_new_tokens", str(budget),
-                     *args.reward_args])
-        rl_dir = out / "rlhf"
-        grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
-                   str(rl_dir), *common, *rl_curve, *completions, "--rewards", "reward_model", "--reward_weights", "1.0",
-                   "--reward_model_path", str(rm_dir), *rl_steps, *args.rl_args])
-        curves["rlhf"] = log_history(rl_dir)
-        record("rlhf", rl_dir, time.time() - t, passk=True)
+        shutil.copytree(best["dir"], out / "dpo", ignore=shutil.ignore_patterns("checkpoint-*", "heldout_samples"))
+        kept = {"rounds": args.dpo_rounds, "kept_step": best["step"], "kept_validation_strict": best["heldout_strict"]}
+        if best["step"] != args.dpo_rounds:
+            kept["last_step_strict"] = score_model(final, data_dir, out / "eval" / "dpo_last_step", budget)["strict"]
+        record("dpo", out / "dpo", time.time() - t, passk=True, **kept)
 
     print(f"\n| stage | {TASK} strict | flexible | pass@8 | chain worked out | train s |\n|---|---|---|---|---|---|")
     for s in stages:

@@ -57,7 +57,8 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.self_check and (not self.chain_of_thought or self.terse_chain_share > 0):
-            raise ValueError("self_check checks worked chains: it needs chain_of_thought true and terse_chain_share 0")
+            raise ValueError("self_check checks worked chains: it needs chain_of_thought true and terse_chain_share 0 "
+                             "(configs/tiny/sft.yaml mixes in sketches: add --terse_chain_share 0)")
         if not 0.0 <= self.terse_chain_share <= 1.0:
             raise ValueError(f"terse_chain_share is a share of the training problems, in [0, 1]; got {self.terse_chain_share}")
         low, high = self.terse_chain_share - self.terse_chain_skew, self.terse_chain_share + self.terse_chain_skew
