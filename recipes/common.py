@@ -32,6 +32,7 @@ from llama4_sparse.modeling_llama4.load_balancing import ExpertBiasCallback
 from llama4_sparse.eval.tasks.gsm8k import CHAT_INSTRUCTION
 from llama4_sparse.tokenizer import load_tokenizer
 
+from . import dense_lm_head
 from .data.arithmetic import FAMILIES, generate_problems
 from .qat import QATStartCallback, apply_qat, check_qat_arguments, qat_scheme, save_low_bit
 
@@ -265,6 +266,7 @@ def run_recipe(method: str, training_config_class, make_trainer, args=None, argu
     if recipe_args.dry_run:
         return dry_run(recipe_args, training_args, model_args, method)
     enable_fsdp_on_cpu()
+    dense_lm_head.install()
     trainer = make_trainer(recipe_args, training_args, model_args)
     check_parallelism(trainer)
     if recipe_args.expert_parallel_size != 1:
