@@ -62,7 +62,8 @@ class SFTArguments(RecipeArguments, HeldOutEvalArguments):
         if not 0.0 <= self.terse_chain_share <= 1.0:
             raise ValueError(f"terse_chain_share is a share of the training problems, in [0, 1]; got {self.terse_chain_share}")
         low, high = self.terse_chain_share - self.terse_chain_skew, self.terse_chain_share + self.terse_chain_skew
-        if self.terse_chain_skew < 0 or low < 0 or high > 1:
+        # A share of 0 means no sketches at all, whatever the skew (so `--terse_chain_share 0` alone turns sft.yaml's off).
+        if self.terse_chain_skew < 0 or (self.terse_chain_share > 0 and (low < 0 or high > 1)):
             raise ValueError(f"terse_chain_skew must be >= 0 and keep both shares in [0, 1]; got share "
                              f"{self.terse_chain_share} +/- skew {self.terse_chain_skew}")
 
@@ -90,7 +91,7 @@ def sft_dataset(recipe_args, image_size: int | None = None) -> Dataset:
         rng = random.Random(f"terse:{recipe_args.problem_seed}")
 
         def terse(p) -> bool:
-            if not cot or p.family != "chain":  # a one-step problem has no running total to leave out
+            if not cot or share == 0 or p.family != "chain":  # a one-step problem has no running total to leave out
                 return False
             item = _CHAIN_ITEM.search(p.question)
             lean = skew if item and item[1] in leaning else -skew

@@ -202,6 +202,11 @@ def test_sketch_share_leans_by_item_so_greedy_style_follows_the_question():
     assert 0.65 < counts[True][0] / counts[True][1] < 0.85 and 0.15 < counts[False][0] / counts[False][1] < 0.35
     with pytest.raises(ValueError, match="terse_chain_skew"):
         SFTArguments(terse_chain_share=0.5, terse_chain_skew=0.6)
+    # A share of 0 turns sketches off whatever the skew: sft.yaml's mix is undone by --terse_chain_share 0 alone,
+    # which self_check (worked chains only) needs.
+    plain = SFTArguments(problem_families=["chain"], max_operand=20, num_train_examples=200, terse_chain_share=0.0,
+                         terse_chain_skew=0.25, self_check=True)
+    assert all(" = " in row["messages"][1]["reasoning"] for row in sft_dataset(plain))
 
 
 def test_self_check_undoes_every_step_from_the_answer_back_to_the_start():
