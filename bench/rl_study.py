@@ -79,10 +79,37 @@ def report(out: Path) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * statistics.mean(values):.1f} | "
                      f"{100 * (max(values) - min(values)):.1f} | "
                      + (f"{100 * statistics.mean(passk):.1f}" if passk else "") + " |")
+    lines += ["", *gains(rows, seeds, summary)]
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     table = "\n".join(lines)
     (out / "study.md").write_text(table + "\n")
     return table
+
+
+# Issue 9's acceptance: (stage, baseline, points the mean gain must reach; every seed must gain).
+TARGETS = [("sft_cot", "sft_direct", 15), ("grpo", "sft_cot", 10), ("dpo", "sft_cot", 5), ("rlhf", "sft_cot", 5)]
+
+
+def gains(rows: dict, seeds: list[int], summary: dict) -> list[str]:
+    """Each stage's gain over its baseline per seed (points), the mean, and whether the target is met (mean gain
+    at least the target and every seed up); RL stages also show the step their stopping rule kept and their last
+    step's score."""
+    lines = ["| gain | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | target | met | kept step (last step strict) |",
+             "|---|" + "---|" * (len(seeds) + 4)]
+    for stage, base, target in TARGETS:
+        common = [s for s in seeds if s in rows.get(stage, {}) and s in rows.get(base, {})]
+        if not common:
+            continue
+        delta = {s: 100 * (rows[stage][s]["strict"] - rows[base][s]["strict"]) for s in common}
+        mean = statistics.mean(delta.values())
+        met = mean >= target and all(d > 0 for d in delta.values()) and len(common) == len(seeds)
+        summary[stage]["gain_over_" + base] = {"per_seed": {str(s): d for s, d in delta.items()}, "mean": mean,
+                                               "target": target, "met": met}
+        kept = ", ".join(f"{rows[stage][s]['kept_step']} ({100 * rows[stage][s].get('last_step_strict', rows[stage][s]['strict']):.0f}%)"
+                         for s in common if "kept_step" in rows[stage][s])
+        lines.append(f"| {stage} - {base} | " + " | ".join(f"{delta[s]:+.1f}" if s in delta else "" for s in seeds)
+                     + f" | {mean:+.1f} | +{target} | {'yes' if met else 'no'} | {kept} |")
+    return lines
 
 
 # Per-step quantities that tell a working RL run from a collapsing one: the reward it trains on, how long and how
