@@ -4,8 +4,8 @@
 
 The task: multi-step word problems (`chain` family: a start amount, 4 changes in order with +, -, x, totals
 <= 20, and a distractor fact about someone else). Each stage records how many greedy answers work the chain
-out (`worked_chain_share`; with `--sft_args "--terse_chain_share 0.5 --terse_chain_skew 0.25"` half of sft_cot's
-chains are sketches and the RL stage shows whether working them out pays). Stages, each scored by the eval
+out (`worked_chain_share`): half of sft_cot's training chains are sketches (`configs/tiny/sft.yaml`), and the RL
+stage shows whether working them out pays. Stages, each scored by the eval
 harness (`gsm8k_chat`, the
 model's own greedy generations through the chat template) on held-out problems no training split contains:
 
@@ -21,8 +21,9 @@ model's own greedy generations through the chat template) on held-out problems n
    * `rlhf`: a reward model (`recipes/reward.py`) trained on verified vs corrupted chains and the policy's
      own failures, then GRPO against that learned reward alone; its score is logged next to the true
      accuracy (`rm_true_accuracy`), which is never rewarded.
-   During SFT and GRPO a held-out slice is scored every N steps (`recipes/callbacks.py`): the curves in
-   `demo.png` show where each stage stopped improving.
+   During SFT and RL a validation draw (held-out problems apart from the scored ones) is scored every N steps
+   (`recipes/callbacks.py`): the curves in `demo.png` show where each stage stopped improving, and the RL stage
+   keeps the checkpoint of its best validation score (for dpo, the best round), the starting model included.
 5. `results.json` (`{"stages": [{"stage", "strict", "flexible", ...}]}`), the table, and `demo.png`.
 """
 
@@ -62,8 +63,9 @@ DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy
                  "--max_steps", "30"]
 # The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
 REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
-# The second SFT phase (bench/rl_study.md, round 4): after sft.yaml's cosine decay, steps at a constant, halved
-# learning rate let the worked-chain arithmetic settle on seeds where the first phase left it still rising.
+# The second SFT phase: after sft.yaml's cosine decay, steps at a constant, halved learning rate. In round 4 of
+# bench/rl_study.md it let the worked-chain arithmetic settle on seeds the first phase had left still rising; in
+# round 5 it lowered sft_cot on two of three seeds (RL gained on all three either way).
 SFT_SECOND_PHASE = ["--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
 SFT_SECOND_PHASE_STEPS = 800
 
