@@ -207,7 +207,7 @@ def test_lora_from_a_folder_records_its_absolute_path(trained, tmp_path, monkeyp
 
 def test_save_merged_without_lora_is_refused():
     with pytest.raises(ValueError, match="save_merged .* needs use_peft: true"):
-        parse_recipe(SFTConfig, args=["--config", str(TINY / "sft.yaml"), "--save_merged", "true"])
+        parse_recipe(SFTConfig, sft.SFTArguments, args=["--config", str(TINY / "sft.yaml"), "--save_merged", "true"])
 
 
 LM_EVAL_SCRIPT = """

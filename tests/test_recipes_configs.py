@@ -13,6 +13,7 @@ from llama4_sparse import modeling_llama4
 from llama4_sparse.recipes.common import RecipeArguments, parse_recipe
 from llama4_sparse.recipes.grpo import GRPOArguments
 from llama4_sparse.recipes.sft import SFTArguments
+from llama4_sparse.recipes.sft import SFTArguments
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHODS = {"sft": (SFTConfig, SFTArguments), "dpo": (DPOConfig, RecipeArguments),
@@ -47,7 +48,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
     bad = tmp_path / "sft.yaml"
     bad.write_text((RECIPES / "configs" / "tiny" / "sft.yaml").read_text() + "max_seq_length: 512\n")
     with pytest.raises(ValueError, match="max_seq_length"):
-        parse_recipe(SFTConfig, args=["--config", str(bad)])
+        parse_recipe(SFTConfig, SFTArguments, args=["--config", str(bad)])
 
 
 def test_lora_on_experts_with_dropout_is_refused():

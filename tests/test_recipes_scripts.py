@@ -42,7 +42,7 @@ def _losses(trainer_or_dir, key="loss") -> list[float]:
 
 
 def test_sft_trains_on_assistant_tokens_only_and_packing_gives_the_same_loss(tmp_path):
-    trainer = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+    trainer = sft.make_trainer(*parse_recipe(SFTConfig, sft.SFTArguments, args=[
         "--config", str(TINY / "sft.yaml"), *QUICK, "--per_device_train_batch_size", "8", "--max_steps", "4",
         "--output_dir", str(tmp_path / "unpacked")]))
     row = trainer.train_dataset[0]
@@ -54,7 +54,7 @@ def test_sft_trains_on_assistant_tokens_only_and_packing_gives_the_same_loss(tmp
     unpacked = _losses(trainer)
     assert unpacked[-1] < unpacked[0] - 0.5
 
-    packed = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+    packed = sft.make_trainer(*parse_recipe(SFTConfig, sft.SFTArguments, args=[
         "--config", str(TINY / "sft.yaml"), *QUICK, "--packing", "true", "--max_length", "1024",
         "--per_device_train_batch_size", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "packed")]))
     assert len(packed.train_dataset) == 1  # all eight conversations in one padding-free row
@@ -63,7 +63,7 @@ def test_sft_trains_on_assistant_tokens_only_and_packing_gives_the_same_loss(tmp
 
 
 def test_multimodal_sft_on_shape_images_trains_the_vision_tower(tmp_path):
-    trainer = sft.make_trainer(*parse_recipe(SFTConfig, args=[
+    trainer = sft.make_trainer(*parse_recipe(SFTConfig, sft.SFTArguments, args=[
         "--config", str(TINY / "sft.yaml"), *QUICK, "--model_class", "conditional_generation", "--dataset_name",
         "shapes", "--per_device_train_batch_size", "4", "--max_steps", "2", "--output_dir", str(tmp_path / "mm")]))
     before = {n: p.detach().clone() for n, p in trainer.model.vision_model.named_parameters()}
