@@ -13,7 +13,6 @@ from llama4_sparse import modeling_llama4
 from llama4_sparse.recipes.common import RecipeArguments, parse_recipe
 from llama4_sparse.recipes.grpo import GRPOArguments
 from llama4_sparse.recipes.sft import SFTArguments
-from llama4_sparse.recipes.sft import SFTArguments
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHODS = {"sft": (SFTConfig, SFTArguments), "dpo": (DPOConfig, RecipeArguments),
