@@ -22,8 +22,9 @@ model's own greedy generations through the chat template) on held-out problems n
      own failures, then GRPO against that learned reward alone; its score is logged next to the true
      accuracy (`rm_true_accuracy`), which is never rewarded.
    During SFT and RL a validation draw (held-out problems apart from the scored ones) is scored every N steps
-   (`recipes/callbacks.py`): the curves in `demo.png` show where each stage stopped improving, and the RL stage
-   keeps the checkpoint of its best validation score (for dpo, the best round), the starting model included.
+   (`recipes/callbacks.py`): the curves in `demo.png` show where each stage stopped improving, and every trained
+   stage keeps the checkpoint of its best validation score (for dpo, the best round; for an RL stage, the starting
+   model included).
 5. `results.json` (`{"stages": [{"stage", "strict", "flexible", ...}]}`), the table, and `demo.png`.
 """
 
@@ -63,11 +64,6 @@ DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy
                  "--max_steps", "30"]
 # The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
 REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
-# The second SFT phase: after sft.yaml's cosine decay, steps at a constant, halved learning rate. In round 4 of
-# bench/rl_study.md it let the worked-chain arithmetic settle on seeds the first phase had left still rising; in
-# round 5 it lowered sft_cot on two of three seeds (RL gained on all three either way).
-SFT_SECOND_PHASE = ["--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
-SFT_SECOND_PHASE_STEPS = 800
 
 
 def load_policy(model_dir: Path):
@@ -164,42 +160,25 @@ def train_side_by_side(stage_args: dict[str, list[str]], out: Path) -> dict[str,
 
 
 def log_history(run_dir: Path) -> list[dict]:
-    """A run's logged curve: both SFT phases' (`curve.json`, written by `train_sft_stages`), else the trainer's."""
-    if (run_dir / "curve.json").is_file():
-        return json.loads((run_dir / "curve.json").read_text())
     return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
 
 
-def train_sft_stages(stage_args: dict[str, list[str]], second_phase_steps: int, out: Path, jobs: int) -> dict[str, float]:
-    """Each SFT stage (`stage_args` name their output folders), then, with `second_phase_steps` > 0, its second
-    phase from there into OUT/STAGE; with `jobs` > 1 the stages train side by side. Returns each stage's
-    seconds; the first phase's curve goes into OUT/STAGE's log history, the second's steps counted on from it."""
-    phases = [stage_args]
-    if second_phase_steps > 0:
-        phases.append({stage: [*argv, "--model_name_or_path", option_value(argv, "--output_dir"), "--output_dir",
-                               str(out / stage), "--max_steps", str(second_phase_steps), "--heldout_at_start", "false",
-                               *SFT_SECOND_PHASE] for stage, argv in stage_args.items()})
-    seconds = dict.fromkeys(stage_args, 0.0)
-    for phase in phases:
-        if jobs > 1:
-            for stage, took in train_side_by_side(phase, out).items():
-                seconds[stage] += took
-        else:
-            for stage, argv in phase.items():
-                t = time.time()
-                sft.main(argv)
-                seconds[stage] += time.time() - t
-    if second_phase_steps > 0:
-        for stage, argv in stage_args.items():
-            first = json.loads((Path(option_value(argv, "--output_dir")) / "trainer_state.json").read_text())
-            (out / stage / "curve.json").write_text(json.dumps(first["log_history"] + [
-                {**h, "step": h["step"] + first["global_step"], "phase": 2} for h in log_history(out / stage)]))
+def train_sft_stages(stage_args: dict[str, list[str]], out: Path, jobs: int) -> dict[str, float]:
+    """Each SFT stage (`stage_args` name their output folders); with `jobs` > 1 side by side. Returns each stage's
+    seconds."""
+    if jobs > 1:
+        return train_side_by_side(stage_args, out)
+    seconds = {}
+    for stage, argv in stage_args.items():
+        t = time.time()
+        sft.main(argv)
+        seconds[stage] = time.time() - t
     return seconds
 
 
 def best_on_validation(run_dir: Path) -> tuple[Path, dict]:
-    """The checkpoint an RL run kept at its best validation score (`--heldout_keep_best`), or the run's last model
-    when the run kept none, with what to record about the choice."""
+    """The checkpoint a run kept at its best validation score (`--heldout_keep_best`), or the run's last model when
+    the run kept none, with what to record about the choice."""
     best = run_dir / "best_heldout"
     if not (best / "heldout_best.json").is_file():
         return run_dir, {}
@@ -253,9 +232,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0, help="training seed of every stage and the data seed offset")
     parser.add_argument("--rl_method", choices=RL_METHODS, default="grpo")
     parser.add_argument("--sft_steps", type=int, default=None,
-                        help="steps of the first SFT phase; default: configs/tiny/sft.yaml's max_steps")
-    parser.add_argument("--sft_second_phase_steps", type=int, default=SFT_SECOND_PHASE_STEPS,
-                        help="steps of the second SFT phase, at a constant lr 5e-4 from the first's end (0: none)")
+                        help="SFT steps of sft_direct and sft_cot; default: configs/tiny/sft.yaml's max_steps")
     parser.add_argument("--rl_steps", type=int, default=None,
                         help="GRPO steps (grpo, rlhf) or DPO steps per round (dpo); default: the config's max_steps")
     parser.add_argument("--dpo_rounds", type=int, default=3, help="on-policy DPO rounds (--rl_method dpo)")
@@ -279,8 +256,6 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.dpo_rounds < 1:
         parser.error(f"--dpo_rounds must be >= 1, got {args.dpo_rounds}")
-    if args.sft_second_phase_steps < 0:
-        parser.error(f"--sft_second_phase_steps must be >= 0, got {args.sft_second_phase_steps}")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +267,10 @@ def main(argv=None) -> list[dict]:
     common = ["--model_class", "conditional_generation", "--seed", str(args.seed), "--save_strategy", "no",
               "--disable_tqdm", "true"]
     curve = ["--heldout_problems", str(args.curve_problems), "--heldout_max_new_tokens", str(budget)]
-    # SFT starts from init, which is scored already (0%): its curve starts at the first interval.
-    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_at_start", "false", *curve]
+    # Every trained stage keeps the checkpoint of its best validation score. SFT starts from init, which is scored
+    # already (0%): its curve starts at the first interval; an RL stage's includes its start, sft_cot.
+    sft_curve = ["--heldout_eval_steps", str(args.sft_curve_every), "--heldout_at_start", "false",
+                 "--heldout_keep_best", "true", *curve]
     rl_curve = ["--heldout_eval_steps", str(args.rl_curve_every), "--heldout_keep_best", "true", *curve]
     completions = ["--max_completion_length", str(budget)]
     stages, curves = [], {}
@@ -314,6 +291,15 @@ def main(argv=None) -> list[dict]:
         (out / "results.json").write_text(json.dumps({"stages": stages, "seconds": round(time.time() - start, 1),
                                                       "seed": args.seed, "rl_method": args.rl_method}, indent=2))
 
+    def record_kept(stage: str, run_dir: Path, seconds: float, passk: bool = False) -> None:
+        """A trained stage is the checkpoint of its best validation score (for an RL stage the start, sft_cot,
+        included; for dpo, the best round), so a run that peaks and then falls, as a hacked learned reward does,
+        keeps its peak; the last step's greedy score is recorded beside it."""
+        chosen, kept = best_on_validation(run_dir)
+        if chosen != run_dir:
+            kept["last_step_strict"] = score_model(run_dir, data_dir, out / "eval" / f"{stage}_last_step", budget)["strict"]
+        record(stage, chosen, seconds, passk=passk, **kept)
+
     if args.sft_from:
         # Another demo run's init and SFT stages (same seed): only the RL stage is trained here.
         source = Path(args.sft_from)
@@ -324,34 +310,24 @@ def main(argv=None) -> list[dict]:
             stages.append(next(s for s in previous["stages"] if s["stage"] == stage))
             if stage != "init":
                 curves[stage] = log_history(source / stage)
-        sft_dir = source / "sft_cot"
+        sft_dir = best_on_validation(source / "sft_cot")[0]
     else:
         init_dir = build_initial_model(out, args.seed)
         record("init", init_dir, 0.0)
         sft_steps = ["--max_steps", str(args.sft_steps)] if args.sft_steps else []
         # sft_direct is sft_cot's data with the chain left out: a self_check has no chain to check there.
         direct_args = without_option(args.sft_args, "--self_check")
-        first_phase = lambda stage: out / (f"{stage}_phase1" if args.sft_second_phase_steps else stage)
         stage_args = {stage: ["--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(init_dir), "--output_dir",
-                              str(first_phase(stage)), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *extra]
+                              str(out / stage), "--chain_of_thought", cot, *common, *sft_curve, *sft_steps, *extra]
                       for stage, cot, extra in (("sft_direct", "false", direct_args), ("sft_cot", "true", args.sft_args))}
-        seconds = train_sft_stages(stage_args, args.sft_second_phase_steps, out, args.sft_jobs)
+        seconds = train_sft_stages(stage_args, out, args.sft_jobs)
         for stage in stage_args:
-            record(stage, out / stage, seconds[stage], passk=stage == "sft_cot")
+            record_kept(stage, out / stage, seconds[stage], passk=stage == "sft_cot")
             curves[stage] = log_history(out / stage)
-        sft_dir = out / "sft_cot"
+        sft_dir = best_on_validation(out / "sft_cot")[0]
 
     rl_steps = ["--max_steps", str(args.rl_steps)] if args.rl_steps else []
     t = time.time()
-
-    def record_rl(stage: str, run_dir: Path) -> None:
-        """The RL stage is the checkpoint of its best validation score (the start, i.e. sft_cot, included; for dpo,
-        the best round), so a run that peaks and then falls, as a hacked learned reward does, keeps its peak; the
-        last step's greedy score is recorded beside it."""
-        chosen, kept = best_on_validation(run_dir)
-        if chosen != run_dir:
-            kept["last_step_strict"] = score_model(run_dir, data_dir, out / "eval" / f"{stage}_last_step", budget)["strict"]
-        record(stage, chosen, time.time() - t, passk=True, **kept)
 
     if args.rl_method in ("grpo", "rlhf"):
         rl_dir = out / args.rl_method
@@ -368,7 +344,7 @@ def main(argv=None) -> list[dict]:
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                    str(rl_dir), *common, *rl_curve, *completions, *rewards, *rl_steps, *args.rl_args])
         curves[args.rl_method] = log_history(rl_dir)
-        record_rl(args.rl_method, rl_dir)
+        record_kept(args.rl_method, rl_dir, time.time() - t, passk=True)
     else:
         # Round 0 is sft_cot: the rounds' stopping rule, like the GRPO callback's, may keep the starting model.
         history, best = [], {}

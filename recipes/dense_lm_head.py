@@ -34,7 +34,8 @@ def dense_token_statistics(hidden, weight, bias, targets, temperature: float, ch
     logits = F.linear(hidden, weight, bias).float() * logit_scale
     if final_logit_softcapping is not None:
         logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
-    logits = logits / temperature
+    if temperature != 1.0:  # SFT's case: a [tokens, vocab] division saved
+        logits = logits / temperature
     log_softmax = logits.log_softmax(-1)
     log_probs = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
     entropy = -(log_softmax.exp() * log_softmax).sum(-1) if "entropy" in outputs else None

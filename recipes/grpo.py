@@ -91,8 +91,13 @@ def make_trainer(recipe_args, training_args, model_args):
         raise ValueError("beta > 0 needs a reference model: start from a saved model (--model_name_or_path) "
                          "or train LoRA adapters (--use_peft), or set beta: 0")
     tokenizer = build_tokenizer(recipe_args, model_args)
+    model = build_model(recipe_args, model_args, training_args, tokenizer)
+    if training_args.beta > 0 and not model_args.use_peft:
+        # TRL loads the KL reference from the checkpoint by the class its config names, looked up in transformers:
+        # that is transformers' own Llama4 class, whose outputs its fused LM head cannot read. Name this package's.
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "architecture": type(model)}
     trainer = GRPOTrainer(
-        model=build_model(recipe_args, model_args, training_args, tokenizer),
+        model=model,
         reward_funcs=reward_functions(recipe_args, tokenizer),
         args=training_args,
         train_dataset=grpo_dataset(recipe_args),

@@ -4,13 +4,12 @@ held-out problems that no training split contains, and the table, results and pl
 import json
 
 import pytest
-import torch
 
 from llama4_sparse.recipes import demo
 from llama4_sparse.recipes.argv import option_value, without_option
 from llama4_sparse.recipes.data.arithmetic import generate_problems
 
-QUICK = ["--sft_steps", "3", "--sft_second_phase_steps", "2", "--rl_steps", "1", "--num_eval", "8", "--num_passk", "4", "--sft_curve_every", "2",
+QUICK = ["--sft_steps", "3", "--rl_steps", "1", "--num_eval", "8", "--num_passk", "4", "--sft_curve_every", "2",
          "--rl_curve_every", "1", "--curve_problems", "4",
          "--sft_args=--num_train_examples 16 --per_device_train_batch_size 4"]
 RL_QUICK = "--num_train_examples 16 --per_device_train_batch_size 8 --max_completion_length 16"
@@ -31,19 +30,19 @@ def test_demo_stages_are_scored_on_held_out_problems_with_pass_at_8_and_curves(g
         assert 0 <= s["pass@1_sampled"] <= s["pass@8"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages
     assert (tmp_path / "demo.png").stat().st_size > 0
-    # The held-out curve during SFT: every 2 steps and after the last step of each phase (init is scored as its own
-    # stage); the second phase (2 steps at a constant lr, from the first's end) counts its steps on.
-    history = demo.log_history(tmp_path / "sft_cot")
-    assert [h["step"] for h in history if "heldout_strict" in h] == [2, 3, 5]
-    first = json.loads((tmp_path / "sft_cot_phase1" / "trainer_state.json").read_text())
-    second = json.loads((tmp_path / "sft_cot" / "trainer_state.json").read_text())
-    assert (first["global_step"], second["global_step"]) == (3, 2)
-    settings = torch.load(tmp_path / "sft_cot" / "training_args.bin", weights_only=False)
-    assert (settings.learning_rate, settings.lr_scheduler_type.value, settings.warmup_steps) == (5e-4, "constant", 0)
+    # The held-out curve during SFT: every 2 steps and after the last step (init is scored as its own stage); each
+    # stage is the checkpoint of its best point (the earliest on ties), scored beside the last step.
+    for index, stage in ((1, "sft_direct"), (2, "sft_cot")):
+        curve = [(h["step"], h["heldout_strict"]) for h in demo.log_history(tmp_path / stage) if "heldout_strict" in h]
+        assert [step for step, _ in curve] == [2, 3]
+        best_step, best_score = max(curve, key=lambda point: (point[1], -point[0]))
+        assert (stages[index]["kept_step"], stages[index]["kept_validation_strict"]) == (best_step, best_score)
+        assert 0 <= stages[index]["last_step_strict"] <= 1
     # GRPO keeps the checkpoint of its best validation score (the earliest on ties), scored beside the last step.
     grpo_history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
     curve = [(h["step"], h["heldout_strict"]) for h in grpo_history if "heldout_strict" in h]
     assert [step for step, _ in curve] == [0, 1]
+    assert curve[0][1] == stages[2]["kept_validation_strict"]  # GRPO starts from sft_cot's kept checkpoint
     best_step, best_score = max(curve, key=lambda point: (point[1], -point[0]))
     assert (stages[3]["kept_step"], stages[3]["kept_validation_strict"]) == (best_step, best_score)
     assert 0 <= stages[3]["last_step_strict"] <= 1

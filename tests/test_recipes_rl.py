@@ -90,6 +90,26 @@ def test_learned_reward_in_grpo_scores_completions_with_the_reward_model_and_log
         grpo.GRPOArguments(rewards=["reward_model"])
 
 
+def test_grpo_with_kl_takes_its_reference_from_this_package_and_starts_at_zero_kl(tmp_path):
+    """beta > 0 from a saved multimodal folder: the reference is the starting model in this package's class (not
+    transformers' Llama4 of the same name), so the first step's KL to it is zero and training runs."""
+    from llama4_sparse.modeling_llama4 import Llama4ForConditionalGeneration
+
+    start = tmp_path / "sft"
+    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--max_steps", "2", "--model_class", "conditional_generation",
+              "--output_dir", str(start)])
+    trainer = grpo.make_trainer(*parse_recipe(GRPOConfig, grpo.GRPOArguments, args=[
+        "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--model_class",
+        "conditional_generation", "--beta", "0.1", "--per_device_train_batch_size", "8", "--num_generations", "4",
+        "--max_completion_length", "12", "--max_steps", "2", "--output_dir", str(tmp_path / "grpo")]))
+    assert type(trainer.ref_model) is Llama4ForConditionalGeneration
+    policy, reference = trainer.model.state_dict(), trainer.ref_model.state_dict()
+    assert policy.keys() == reference.keys() and all(torch.equal(policy[k], reference[k]) for k in policy)
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert len(kl) == 2 and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] >= 0
+
+
 def test_reward_scorer_ranks_like_the_trained_pairs_and_refuses_a_language_model(tmp_path):
     with pytest.raises(ValueError, match="num_labels"):
         RewardModelScorer(Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny")), load_tokenizer())
