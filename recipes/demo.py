@@ -19,8 +19,8 @@ model's own greedy generations through the chat template) on held-out problems n
    * `dpo`: on-policy iterative DPO, a few rounds of: sample the current policy on training problems,
      verify, pair a failed sample with a verified one, train;
    * `rlhf`: a reward model (`recipes/reward.py`) trained on verified vs corrupted chains and the policy's
-     own failures, then GRPO against that learned reward alone; its score is logged next to the true
-     accuracy (`rm_true_accuracy`), which is never rewarded.
+     own failures, then GRPO against that learned reward alone, with a KL term to sft_cot (`RLHF_KL`); its score
+     is logged next to the true accuracy (`rm_true_accuracy`), which is never rewarded.
    During SFT and RL a validation draw (held-out problems apart from the scored ones) is scored every N steps
    (`recipes/callbacks.py`): the curves in `demo.png` show where each stage stopped improving, and every trained
    stage keeps the checkpoint of its best validation score (for dpo, the best round; for an RL stage, the starting
@@ -64,6 +64,10 @@ DPO_ON_POLICY = ["--use_peft", "false", "--on_policy_samples", "4", "--on_policy
                  "--max_steps", "30"]
 # The reward model's pairs: corrupted chains of 300 problems plus sft_cot's own failures on them (4 samples each).
 REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
+# RLHF's GRPO keeps a KL term to sft_cot: without it the policy drifts to what the reward model cannot tell apart
+# (worked chains with wrong arithmetic) and held-out accuracy falls while the learned reward rises
+# (bench/rl_study.md, round 6).
+RLHF_KL = ["--beta", "0.1"]
 
 
 def load_policy(model_dir: Path):
@@ -340,7 +344,8 @@ def main(argv=None) -> list[dict]:
                          str(rm_dir), "--seed", str(args.seed), "--save_strategy", "no", "--disable_tqdm", "true",
                          "--policy_name_or_path", str(sft_dir), *REWARD_DATA, "--on_policy_max_new_tokens", str(budget),
                          *args.reward_args])
-            rewards = ["--rewards", "reward_model", "--reward_weights", "1.0", "--reward_model_path", str(rm_dir)]
+            rewards = ["--rewards", "reward_model", "--reward_weights", "1.0", "--reward_model_path", str(rm_dir),
+                       *RLHF_KL]
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                    str(rl_dir), *common, *rl_curve, *completions, *rewards, *rl_steps, *args.rl_args])
         curves[args.rl_method] = log_history(rl_dir)

@@ -72,6 +72,7 @@ def test_demo_rl_methods_start_from_the_same_sft_model(grpo_demo, method, tmp_pa
         history = json.loads((tmp_path / "rlhf" / "trainer_state.json").read_text())["log_history"]
         logged = [h for h in history if "rm_true_accuracy" in h]
         assert logged and all("rewards/learned_reward/mean" in h for h in logged)
+        assert [h["kl"] for h in history if "kl" in h] and demo.RLHF_KL == ["--beta", "0.1"]  # the KL term is on
     else:
         assert (tmp_path / "dpo_rounds" / "round-2" / "model.safetensors").is_file()
         assert stages[3]["rounds"] == 2 and stages[3]["kept_step"] in (0, 1, 2)
