@@ -8,7 +8,10 @@ its backward recomputes the tiles: on the tiny model that is about 70% of an SFT
 
 Where the logits fit (`MAX_DENSE_LOGITS`), `dense_token_statistics` computes the same outputs from the full logits,
 and autograd differentiates them. `install()` routes TRL's calls through `token_statistics`, which takes the dense
-path only off Triton devices and within that size, and TRL's own function otherwise.
+path only off Triton devices and within that size, and TRL's own function otherwise. It also lets TRL pass only the
+labelled positions on CPU, as it does on Triton devices: TRL scores every position elsewhere so that tile shapes stay
+fixed for compiling backends (Neuron), which a CPU does not need, and the prompt and padding positions it would score
+are most of an SFT or GRPO batch.
 """
 
 from __future__ import annotations
@@ -69,12 +72,22 @@ class token_statistics:  # noqa: N801 - stands in for TRL's autograd Function, c
                                       logit_scale, outputs)
 
 
+def _scores_labelled_positions_only(device: torch.device) -> bool:
+    """TRL's choice of passing only the labelled positions to the LM head (its `_use_triton`), made on CPU too."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return device.type == "cpu" or _use_triton(device)
+
+
 def install() -> None:
-    """Route TRL's LM-head statistics through `token_statistics` (idempotent). Raises if this TRL has no such hook,
-    so a TRL upgrade that moves it is seen rather than silently slow."""
+    """Route TRL's LM-head statistics through `token_statistics`, and score only labelled positions on CPU
+    (idempotent). Raises if this TRL has no such hooks, so a TRL upgrade that moves them is seen rather than
+    silently slow."""
     import trl.trainer.utils as trl_utils
 
-    if not hasattr(trl_utils, "_ChunkedLogProbFunction"):
-        raise RuntimeError("trl.trainer.utils._ChunkedLogProbFunction is gone in this TRL version; update "
-                           "recipes/dense_lm_head.py to its new LM-head hook")
+    for hook in ("_ChunkedLogProbFunction", "_use_triton"):
+        if not hasattr(trl_utils, hook):
+            raise RuntimeError(f"trl.trainer.utils.{hook} is gone in this TRL version; update "
+                               "recipes/dense_lm_head.py to its new LM-head hooks")
     trl_utils._ChunkedLogProbFunction = token_statistics
+    trl_utils._use_triton = _scores_labelled_positions_only

@@ -61,6 +61,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_temperature_tuning", action="store_true")
     parser.add_argument("--max_position_embeddings", type=int, default=1 << 17)
+    parser.add_argument("--attention_chunk_size", type=int, default=None,
+                        help="the RoPE layers' chunk; default: the tiny preset's (256). A smaller chunk makes short "
+                             "training documents need the NoPE layers, as long ones do at the preset's chunk")
     parser.add_argument("--eval_lengths", default="", help="comma-separated niah lengths to score at the end")
     parser.add_argument("--eval_samples", type=int, default=4)
     args = parser.parse_args(argv)
@@ -70,6 +73,7 @@ def main(argv=None) -> dict:
     config = Llama4TextConfig.from_preset(
         "tiny", max_position_embeddings=args.max_position_embeddings,
         attn_temperature_tuning=not args.no_temperature_tuning,
+        **({"attention_chunk_size": args.attention_chunk_size} if args.attention_chunk_size else {}),
     )
     config._attn_implementation = "sdpa"
     model = Llama4ForCausalLM(config).train()

@@ -48,6 +48,7 @@ def test_install_routes_trl_through_the_dense_path_only_where_the_logits_fit(mon
     import trl.trainer.utils as trl_utils
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
     dense_lm_head.install()
     assert trl_utils._ChunkedLogProbFunction is dense_lm_head.token_statistics
     calls = []
@@ -66,3 +67,42 @@ def test_install_fails_loudly_when_trl_moves_its_hook(monkeypatch):
     monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
     with pytest.raises(RuntimeError, match="_ChunkedLogProbFunction is gone"):
         dense_lm_head.install()
+
+
+def test_scoring_only_labelled_positions_on_cpu_leaves_trls_fused_forward_unchanged(monkeypatch):
+    """TRL's fused LM-head forward on the tiny model: the loss, per-token statistics and gradients with only the
+    labelled positions scored (what install() turns on for CPU) equal those with every position scored (TRL's CPU
+    default), on a batch with a prompt and padding masked out."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from llama4_sparse.modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig.from_preset("tiny"))
+    add_fused_lm_head(model, outputs=ALL)
+    ids = torch.randint(0, 4000, (3, 24))
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt
+    labels[1, 18:] = -100  # padding
+    attention_mask = (labels != -100) | (torch.arange(24) < 10)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        (out.loss + 0.1 * out.entropy.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    dense_lm_head.install()
+    compact, compact_grads = run()
+    assert trl_utils._use_triton(torch.device("cpu"))
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+    full, full_grads = run()
+    torch.testing.assert_close(compact.loss, full.loss)
+    for field in ALL:
+        torch.testing.assert_close(getattr(compact, field), getattr(full, field))
+    assert compact_grads.keys() == full_grads.keys() and "lm_head.weight" in compact_grads
+    for name in full_grads:
+        torch.testing.assert_close(compact_grads[name], full_grads[name], msg=name)
