@@ -113,10 +113,11 @@ def gains(rows: dict, seeds: list[int], summary: dict) -> list[str]:
 
 
 # Per-step quantities that tell a working RL run from a collapsing one: the reward it trains on, how long and how
-# often truncated its samples are, how many groups carry no signal (all samples scored alike), and held-out accuracy.
+# often truncated its samples are, and held-out accuracy. TRL's `frac_reward_zero_std` is left out: it tests a
+# group's float std against 1e-8, and eight equal rewards of 0.2 (a format weight) have a std of 1.6e-8, so with
+# fractional reward weights it reports 0 for groups that carry no signal.
 CURVE_KEYS = {"reward": "reward", "rewards/accuracy_reward/mean": "answer", "completions/mean_length": "length",
-              "completions/clipped_ratio": "truncated", "frac_reward_zero_std": "zero-var groups",
-              "entropy": "entropy", "heldout_strict": "held-out strict"}
+              "completions/clipped_ratio": "truncated", "entropy": "entropy", "heldout_strict": "held-out strict"}
 
 
 def curves(run: Path) -> str:

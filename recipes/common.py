@@ -79,6 +79,9 @@ class RecipeArguments:
     prompt_style: str = field(default="gsm8k_chat", metadata={
         "help": "User turn of a synthetic problem: 'plain' (the question) or 'gsm8k_chat' (the eval harness's "
                 "gsm8k_chat instruction around it, so training and scoring prompts agree)."})
+    freeze_router: bool = field(default=False, metadata={
+        "help": "Keep the MoE routers' weights fixed (full fine-tuning; LoRA never adapts them): a small router update "
+                "moves tokens near a routing tie to another expert, a discrete change in the layer's output."})
     lora_experts: bool = field(default=True, metadata={
         "help": "With use_peft: also adapt the fused routed experts through PEFT target_parameters."})
     dry_run: bool = field(default=False, metadata={
@@ -180,6 +183,12 @@ def build_model(recipe_args: RecipeArguments, model_args: ModelConfig, training_
                                                     and recipe_args.dataset_name != "shapes")
     if model_args.use_peft and not model_args.model_name_or_path:
         save_base_model(model, tokenizer, training_args)
+    if recipe_args.freeze_router:
+        routers = [p for name, p in model.named_parameters() if name.endswith("router.weight")]
+        if not routers:
+            raise ValueError("freeze_router: this model has no MoE router (no parameter named '*router.weight')")
+        for parameter in routers:
+            parameter.requires_grad_(False)
     return apply_qat(model, recipe_args)
 
 

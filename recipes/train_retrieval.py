@@ -47,6 +47,13 @@ def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]), targets[scored])
 
 
+def keys_at(step: int, max_keys: int, curriculum_steps: int) -> int:
+    """The most needles a training document hides at `step`: 1 rising linearly to `max_keys` over the curriculum."""
+    if step >= curriculum_steps:
+        return max_keys
+    return 1 + (max_keys - 1) * step // curriculum_steps
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -57,6 +64,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--max_keys", type=int, default=4)
+    parser.add_argument("--curriculum_steps", type=int, default=0,
+                        help="raise the most needles a document hides from 1 to --max_keys over these first steps: "
+                             "one needle is learnt as 'copy the number', the key matching after it")
     parser.add_argument("--digits", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_temperature_tuning", action="store_true")
@@ -87,7 +97,7 @@ def main(argv=None) -> dict:
     started = time.time()
     for step in range(args.steps):
         batch = retrieval_batch(tokenizer, args.seed, step, args.batch_size, args.min_length, args.max_length,
-                                args.max_keys, args.digits)
+                                keys_at(step, args.max_keys, args.curriculum_steps), args.digits)
         ids, labels = collate(batch, config.pad_token_id)
         loss = answer_loss(model, ids, labels)
         loss.backward()
