@@ -152,3 +152,26 @@ def test_step_reward_gives_partial_credit_for_the_gold_chain_steps_in_order():
     extra = f"{THINK_START}{problem.reasoning} 1 + 1 = 2.{THINK_END}x"
     assert step_reward([extra], gold) == [pytest.approx(n / (n + 1))]
     assert step_reward([right], ["#### 5"]) == [None]
+
+
+def test_freeze_router_keeps_the_routers_fixed_while_the_rest_trains(tmp_path):
+    """GRPO with --freeze_router from a saved model: after two steps the routers' weights equal the start's and
+    every other trained tensor has moved; a model without routers is refused by name."""
+    start = tmp_path / "sft"
+    sft.main(["--config", str(TINY / "sft.yaml"), *QUICK, "--max_steps", "2", "--output_dir", str(start)])
+    trainer = grpo.make_trainer(*parse_recipe(GRPOConfig, grpo.GRPOArguments, args=[
+        "--config", str(TINY / "grpo.yaml"), *QUICK, "--model_name_or_path", str(start), "--freeze_router", "true",
+        "--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--num_generations", "4",
+        "--max_completion_length", "12", "--max_steps", "2", "--output_dir", str(tmp_path / "grpo")]))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    routers = [k for k in before if k.endswith("router.weight")]
+    assert routers and all(not p.requires_grad for n, p in trainer.model.named_parameters() if n in routers)
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in routers)
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    dense = tmp_path / "dense.yaml"
+    dense.write_text((TINY / "grpo.yaml").read_text() + "model_overrides: {moe_layers: []}\n")
+    with pytest.raises(ValueError, match="no MoE router"):
+        grpo.make_trainer(*parse_recipe(GRPOConfig, grpo.GRPOArguments, args=[
+            "--config", str(dense), *QUICK, "--freeze_router", "true", "--output_dir", str(tmp_path / "dense")]))
