@@ -4,6 +4,7 @@
     python bench/rl_study.py --report runs/rl_study          # only (re)write the table from finished runs
     python bench/rl_study.py --curves runs/demo/grpo          # one RL run's per-step diagnostics
     python bench/rl_study.py --score MODEL_DIR [--passk] [--max_new_tokens 128]   # one model, the demo's metrics
+    python bench/rl_study.py --rescore runs/rl_study --num_eval 1000   # the same runs' models on a larger draw
 
 Per seed, `python -m llama4_sparse.recipes.demo --seed S` trains init -> sft_direct -> sft_cot -> grpo; the other methods
 start from that run's sft_cot (`--sft_from`), so every method of a seed is compared on the same SFT model.
@@ -65,6 +66,39 @@ def report(out: Path) -> str:
         data = json.loads(results.read_text())
         for stage in data["stages"]:
             rows.setdefault(stage["stage"], {})[data["seed"]] = stage
+    return table(rows, out, "study")
+
+
+def rescore(out: Path, num_eval: int, max_new_tokens: int) -> str:
+    """Every stage model the runs under `out` kept (and, where the stopping rule kept an earlier step, the last step's
+    model) scored again, greedy, on the first `num_eval` problems of the demo's held-out split: the demo's 100
+    problems are too few to tell a gain of a few points from a draw's luck."""
+    import tempfile
+
+    from llama4_sparse.recipes import demo
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = demo.heldout_sets(Path(tmp), num_eval, 1)[0]
+        for results in sorted(out.glob("seed*/*/results.json")):
+            data = json.loads(results.read_text())
+            for stage in data["stages"]:
+                folder = results.parent / stage["stage"]
+                if stage["stage"] == "init" or not (folder / "config.json").is_file():
+                    continue  # init scores 0; a stage reused from another run (--sft_from) is scored there
+                kept, chosen = demo.best_on_validation(folder)
+                score = lambda model: demo.score_model(model, data_dir, Path(tmp) / "eval", max_new_tokens)["strict"]
+                entry = {"strict": score(kept), **{k: stage[k] for k in ("kept_step",) if k in stage}, **chosen}
+                if kept != folder:
+                    entry["last_step_strict"] = score(folder)
+                rows.setdefault(stage["stage"], {})[data["seed"]] = entry
+                print(f"seed {data['seed']} {stage['stage']}: {entry}", file=sys.stderr, flush=True)
+    return table(rows, out, f"rescore{num_eval}")
+
+
+def table(rows: dict, out: Path, name: str) -> str:
+    """The per-stage table and the gain table of `rows` (stage -> seed -> scores), also written to OUTPUT_DIR/{name}.md
+    and .json."""
     order = [s for s in ("init", "sft_direct", "sft_cot", "grpo", "dpo", "rlhf") if s in rows]
     seeds = sorted({seed for stage in rows.values() for seed in stage})
     lines = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max-min) | pass@8 mean |",
@@ -80,10 +114,10 @@ def report(out: Path) -> str:
                      f"{100 * (max(values) - min(values)):.1f} | "
                      + (f"{100 * statistics.mean(passk):.1f}" if passk else "") + " |")
     lines += ["", *gains(rows, seeds, summary)]
-    (out / "study.json").write_text(json.dumps(summary, indent=2))
-    table = "\n".join(lines)
-    (out / "study.md").write_text(table + "\n")
-    return table
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    text = "\n".join(lines)
+    (out / f"{name}.md").write_text(text + "\n")
+    return text
 
 
 # Issue 9's acceptance: (stage, baseline, points the mean gain must reach; every seed must gain).
@@ -142,7 +176,7 @@ def score(model_dir: Path, passk: bool, max_new_tokens: int) -> dict:
     from llama4_sparse.recipes import demo
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir, passk_dir = demo.heldout_sets(Path(tmp), 100, 50)
+        data_dir, passk_dir = demo.heldout_sets(Path(tmp), 500, 50)
         return {"model": str(model_dir), **demo.score_model(model_dir, data_dir, Path(tmp) / "eval", max_new_tokens,
                                                              passk_dir if passk else None)}
 
@@ -157,13 +191,20 @@ def main(argv=None) -> None:
     parser.add_argument("--curves", default=None, help="print one RL run's per-step diagnostics and exit")
     parser.add_argument("--score", default=None, help="score one saved policy as the demo scores a stage, and exit")
     parser.add_argument("--passk", action="store_true", help="with --score: also sampled pass@1 / pass@8")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="with --score: 128 for self-checked chains")
+    parser.add_argument("--rescore", default=None,
+                        help="score every kept stage model of the runs under this folder on --num_eval problems")
+    parser.add_argument("--num_eval", type=int, default=1000, help="with --rescore: held-out problems")
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="with --score or --rescore: 128 for self-checked chains")
     args, extra = parser.parse_known_args(argv)
     if args.curves:
         print(curves(Path(args.curves)))
         return
     if args.score:
         print(json.dumps(score(Path(args.score), args.passk, args.max_new_tokens)))
+        return
+    if args.rescore:
+        print(rescore(Path(args.rescore), args.num_eval, args.max_new_tokens))
         return
     out = Path(args.report or args.output_dir)
     if not args.report:

@@ -242,13 +242,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rl_steps", type=int, default=None,
                         help="GRPO steps (grpo, rlhf) or DPO steps per round (dpo); default: the config's max_steps")
     parser.add_argument("--dpo_rounds", type=int, default=3, help="on-policy DPO rounds (--rl_method dpo)")
-    parser.add_argument("--num_eval", type=int, default=100, help="held-out problems scored at each stage")
+    # 500 and 200, not 100 and 50: a tiny model's arithmetic errors hit some sums and not others, so one checkpoint's
+    # accuracy differs by 10+ points between draws of 100 problems, as does a stage's gain (bench/rl_study.md, round 7).
+    parser.add_argument("--num_eval", type=int, default=500, help="held-out problems scored at each stage")
     parser.add_argument("--num_passk", type=int, default=50, help="held-out problems sampled 8 times for pass@8")
     parser.add_argument("--sft_curve_every", type=int, default=200,
                         help="score a held-out slice every this many SFT steps while training (0: off)")
     parser.add_argument("--rl_curve_every", type=int, default=10,
                         help="score a held-out slice every this many GRPO steps while training (0: off)")
-    parser.add_argument("--curve_problems", type=int, default=50, help="held-out problems in each of those scores")
+    parser.add_argument("--curve_problems", type=int, default=200,
+                        help="held-out problems in each of those scores (the stopping rule's validation draw)")
     parser.add_argument("--sft_from", default=None,
                         help="reuse init, sft_direct and sft_cot of an earlier demo output dir (same --seed) and "
                              "train only the RL stage")
