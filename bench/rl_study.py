@@ -96,9 +96,9 @@ def rescore(out: Path, num_eval: int, max_new_tokens: int) -> str:
     return table(rows, out, f"rescore{num_eval}")
 
 
-def table(rows: dict, out: Path, name: str) -> str:
-    """The per-stage table and the gain table of `rows` (stage -> seed -> scores), also written to OUTPUT_DIR/{name}.md
-    and .json."""
+def table(rows: dict, out: Path, basename: str) -> str:
+    """The per-stage table and the gain table of `rows` (stage -> seed -> scores), also written to
+    OUTPUT_DIR/{basename}.md and .json."""
     order = [s for s in ("init", "sft_direct", "sft_cot", "grpo", "dpo", "rlhf") if s in rows]
     seeds = sorted({seed for stage in rows.values() for seed in stage})
     lines = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max-min) | pass@8 mean |",
@@ -114,9 +114,9 @@ def table(rows: dict, out: Path, name: str) -> str:
                      f"{100 * (max(values) - min(values)):.1f} | "
                      + (f"{100 * statistics.mean(passk):.1f}" if passk else "") + " |")
     lines += ["", *gains(rows, seeds, summary)]
-    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{basename}.json").write_text(json.dumps(summary, indent=2))
     text = "\n".join(lines)
-    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{basename}.md").write_text(text + "\n")
     return text
 
 

@@ -128,3 +128,28 @@ def test_self_checked_chains_get_the_longer_generation_budget():
     for argv in ([], ["--self_check", "false"], ["--self_check=true", "--self_check", "false"]):
         assert demo.generation_budget(argv) == demo.MAX_NEW_TOKENS, argv
     assert option_value(["--a", "1", "--a=2"], "--a") == "2" and option_value(["--ab", "1"], "--a") is None
+
+
+def test_rl_study_rescore_of_a_run_agrees_with_the_demos_own_scores_on_the_same_problems(grpo_demo, tmp_path):
+    """`bench/rl_study.py --rescore` on a study holding this demo run as seed 0: on the demo's own number of problems
+    (the same draw) it reproduces every trained stage's score and kept step, and scores the last step where the
+    stopping rule kept an earlier one."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rl_study", Path(demo.__file__).resolve().parents[1] / "bench" / "rl_study.py")
+    rl_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl_study)
+    out, stages = grpo_demo
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "demo").symlink_to(out)
+    table = rl_study.rescore(tmp_path, num_eval=8, max_new_tokens=demo.MAX_NEW_TOKENS)
+    summary = json.loads((tmp_path / "rescore8.json").read_text())
+    assert set(summary) == {"sft_direct", "sft_cot", "grpo"}
+    for stage in stages[1:]:
+        assert summary[stage["stage"]]["strict"]["0"] == stage["strict"], stage["stage"]
+    # The gain table names the step each stage kept and its last step's score, as the demo recorded them.
+    for stage, base in (("sft_cot", "sft_direct"), ("grpo", "sft_cot")):
+        kept = next(s for s in stages if s["stage"] == stage)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {stage} - {base} |"))
+        assert row.endswith(f"| {kept['kept_step']} ({100 * kept.get('last_step_strict', kept['strict']):.0f}%) |"), row
