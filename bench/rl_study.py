@@ -71,8 +71,8 @@ def report(out: Path) -> str:
 
 def rescore(out: Path, num_eval: int, max_new_tokens: int) -> str:
     """Every stage model the runs under `out` kept (and, where the stopping rule kept an earlier step, the last step's
-    model) scored again, greedy, on the first `num_eval` problems of the demo's held-out split: the demo's 100
-    problems are too few to tell a gain of a few points from a draw's luck."""
+    model) scored again, greedy, on the first `num_eval` problems of the demo's held-out split: a draw of 100 problems
+    is too few to tell a gain of a few points from its luck (bench/rl_study.md, round 7)."""
     import tempfile
 
     from llama4_sparse.recipes import demo
