@@ -68,8 +68,9 @@ REWARD_DATA = ["--num_train_examples", "300", "--on_policy_samples", "4"]
 # (worked chains with wrong arithmetic) and held-out accuracy falls while the learned reward rises
 # (bench/rl_study.md, round 6).
 RLHF_KL = ["--beta", "0.1"]
-# RLHF samples at 1.0, as measured in round 6; grpo.yaml's 0.5 was chosen for the verified reward (round 7).
-RLHF_TEMPERATURE = ["--temperature", "1.0"]
+# RLHF keeps the settings it was measured with (rounds 6-7: temperature 1.0, lr 5e-5, routers trained); grpo.yaml's
+# temperature 0.5, frozen routers and lr 2e-5 were chosen for the verified reward (rounds 7-8).
+RLHF_SAMPLING = ["--temperature", "1.0", "--learning_rate", "5e-5", "--freeze_router", "false"]
 
 
 def load_policy(model_dir: Path):
@@ -350,7 +351,7 @@ def main(argv=None) -> list[dict]:
                          "--policy_name_or_path", str(sft_dir), *REWARD_DATA, "--on_policy_max_new_tokens", str(budget),
                          *args.reward_args])
             rewards = ["--rewards", "reward_model", "--reward_weights", "1.0", "--reward_model_path", str(rm_dir),
-                       *RLHF_KL, *RLHF_TEMPERATURE]
+                       *RLHF_KL, *RLHF_SAMPLING]
         grpo.main(["--config", str(CONFIGS / "grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
                    str(rl_dir), *common, *rl_curve, *completions, *rewards, *rl_steps, *args.rl_args])
         curves[args.rl_method] = log_history(rl_dir)
