@@ -57,6 +57,10 @@ def keys_at(step: int, max_keys: int, curriculum_steps: int) -> int:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--init_from", type=Path, default=None,
+                        help="continue from this saved model (e.g. one trained on shorter documents or fewer needles) "
+                             "instead of a fresh tiny preset; --attention_chunk_size and --no_temperature_tuning "
+                             "still apply to it")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--min_length", type=int, default=512)
@@ -80,17 +84,20 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer()
-    config = Llama4TextConfig.from_preset(
-        "tiny", max_position_embeddings=args.max_position_embeddings,
-        attn_temperature_tuning=not args.no_temperature_tuning,
-        **({"attention_chunk_size": args.attention_chunk_size} if args.attention_chunk_size else {}),
-    )
-    config._attn_implementation = "sdpa"
-    model = Llama4ForCausalLM(config).train()
+    overrides = {"attn_temperature_tuning": not args.no_temperature_tuning,
+                 **({"attention_chunk_size": args.attention_chunk_size} if args.attention_chunk_size else {})}
+    if args.init_from:
+        model = Llama4ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32, attn_implementation="sdpa",
+                                                  **overrides).train()
+        config = model.config
+    else:
+        config = Llama4TextConfig.from_preset("tiny", max_position_embeddings=args.max_position_embeddings, **overrides)
+        config._attn_implementation = "sdpa"
+        model = Llama4ForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+        lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))),
     )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     log = open(args.output_dir / "train_log.jsonl", "w")
@@ -115,7 +122,8 @@ def main(argv=None) -> dict:
     model.save_pretrained(args.output_dir / "model")
     tokenizer.save_pretrained(args.output_dir / "model")
     summary = {"train_s": round(time.time() - started, 1), "steps": args.steps,
-               "temperature_tuning": not args.no_temperature_tuning}
+               "temperature_tuning": not args.no_temperature_tuning, "attention_chunk_size": config.attention_chunk_size,
+               "init_from": str(args.init_from) if args.init_from else None}
     if args.eval_lengths:
         import llama4_sparse.eval as harness
 
