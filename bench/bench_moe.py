@@ -299,6 +299,54 @@ def _moe_with(moe: Llama4TextMoe, implementation: str, hidden: torch.Tensor) -> 
     return moe(hidden)[0]
 
 
+def skewed_routing(num_tokens: int, num_experts: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """(N, 1) top-1 choices: one expert gets `ratio` times the mean count, the others share the rest
+    evenly, in a random token order."""
+    busiest = round(ratio * num_tokens / num_experts)
+    rest, others = num_tokens - busiest, num_experts - 1
+    counts = [busiest] + [rest // others + (e < rest % others) for e in range(others)]
+    choice = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
+    return choice[torch.randperm(num_tokens, generator=generator)].unsqueeze(1)
+
+
+def skew_rows(experts: int, args) -> list[dict]:
+    """The routed experts alone (no router, no shared expert) per CPU kernel, as the busiest expert's load
+    grows: the evidence behind when `auto` pads (`experts._PADDED_MAX_PAIRS_PER_EXPERT`)."""
+    torch.manual_seed(0)
+    module = Llama4TextMoe(our_config(experts, "auto")).experts
+    num_tokens = args.batch * args.seq_len
+    x, scores = torch.randn(num_tokens, HIDDEN), torch.rand(num_tokens, 1)
+    generator = torch.Generator().manual_seed(1)
+    clock = CLOCKS[args.clock]
+    rows = []
+    for ratio in args.skew:
+        index = skewed_routing(num_tokens, experts, ratio, generator)
+        times = {name: [] for name in SKEW_KERNELS}
+        with torch.inference_mode():
+            for name in SKEW_KERNELS:  # warm-up
+                module(x, index, scores, name)
+            for _ in range(args.repeats):
+                for name in SKEW_KERNELS:
+                    times[name].append(timed(lambda: module(x, index, scores, name), clock))
+        medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        rows.append({"experts": experts, "pairs_per_expert": num_tokens / experts, "ratio": ratio, **medians})
+    return rows
+
+
+SKEW_KERNELS = ("loop", "grouped_mm", "padded")
+
+
+def skew_table(rows: list[dict]) -> str:
+    lines = [
+        "| experts | pairs per expert (mean) | busiest / mean | " + " | ".join(f"{k} (ms)" for k in SKEW_KERNELS) + " |",
+        "|---|---|---|" + "---|" * len(SKEW_KERNELS),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.1f}" for k in SKEW_KERNELS)
+        lines.append(f"| {r['experts']} | {r['pairs_per_expert']:.0f} | {r['ratio']:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
 def layer_table(rows: list[dict], args) -> str:
     lines = [
         f"| experts | layer | forward {args.batch}x{args.seq_len} (ms) | forward+backward (ms) | one token (ms) |",
@@ -357,6 +405,10 @@ def main(argv=None) -> None:
         "--compile", action="store_true",
         help="time our decoding eager vs torch.compile'd steps over a StaticCache instead",
     )
+    parser.add_argument(
+        "--skew", type=float, nargs="+", default=None, metavar="RATIO",
+        help="time the routed experts alone per CPU kernel, the busiest expert at RATIO x the mean load, instead",
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="append the results table to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -365,6 +417,9 @@ def main(argv=None) -> None:
     if args.layer:
         body = layer_table([row for experts in args.experts for row in layer_rows(experts, args)], args)
         notes = [f"clock: {args.clock}; medians of {args.repeats} repeats"]
+    elif args.skew:
+        body = skew_table([row for experts in args.experts for row in skew_rows(experts, args)])
+        notes = [f"clock: {args.clock}; medians of {args.repeats} repeats, kernels round-robin"]
     elif args.compile:
         rows = [row for experts in args.experts for row in compile_rows(experts, args)]
         body = compile_table(rows)

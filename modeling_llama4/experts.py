@@ -17,8 +17,8 @@ One vocabulary names the kernels, and `select_kernel` is the one place that pick
   straight through its k experts, with nothing to sort.
 * "padded" (CPU, several threads): each expert's pairs padded to the busiest expert's count, then
   two batched products over all experts. Every CPU matrix product is a parallel region that waits for
-  all threads; on shared cores `bench/bench_moe.md` measured this 3.6x faster than the per-expert
-  products at 128 experts, at the price of the padding FLOPs.
+  all threads; on a balanced load `bench/bench_moe.py --skew` measures this 1.15-1.4x faster than the
+  per-expert products at 16-128 experts, and slower once the padding adds more than about a quarter.
 * "batched": each pair through its expert's weights gathered on the device (one copy of an
   expert's weights per pair): static shapes, no host sync, for a few tokens (decoding) where
   grouped_mm does not compile (CPU).
@@ -49,8 +49,10 @@ from transformers.utils.generic import GeneralInterface
 from .configuration_llama4 import Llama4TextConfig
 
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "auto" pads experts to the busiest one's count only while that at most doubles the routed work.
-_MAX_PADDING = 2
+# "auto" pads experts to the busiest one's count only while that adds at most a quarter to the routed
+# work: `bench/bench_moe.py --skew` (2 threads) has padded and loop break even at 1.2-1.4x at 16-128
+# experts; padded is 1.15-1.4x faster on a balanced load and 1.4-1.6x slower at 2x.
+_MAX_PADDING = 1.25
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -89,9 +91,9 @@ def select_kernel(implementation: str, x: torch.Tensor, top_k_index: torch.Tenso
     * off the CPU: `grouped_mm` (no host sync, static shapes), else `loop`;
     * while compiling: `grouped_mm` on CUDA, else `batched` for at most E pairs (decoding) and `dense`
       for more;
-    * on the CPU: `padded` when several threads run and padding at most doubles the routed work
-      (a skewed router, or a few decoded tokens, falls back), else `loop`, which computes only the
-      experts that received tokens (torch's CPU grouped_mm visits every expert: 2-10x slower than the
+    * on the CPU: `padded` when several threads run and padding adds at most `_MAX_PADDING - 1` to the
+      routed work (a skewed router, or a few decoded tokens, falls back), else `loop`, which computes
+      only the experts that received tokens (torch's CPU grouped_mm visits every expert: 2-10x slower than the
       loop for one decoded token at 128 experts, and no faster for a prompt).
     """
     runs = grouped_mm_runs(x, gate_up_proj)
@@ -139,9 +141,10 @@ class TokenOrder:
 
     def scatter(self, rows: torch.Tensor, top_k: int) -> torch.Tensor:
         """(N, D): the sorted pairs' outputs summed back per token (a copy to unique rows, then a sum
-        over k: deterministic, unlike an index_add of the pairs)."""
-        per_pair = rows.new_zeros(rows.shape).index_copy(0, self.pair, rows)
-        return per_pair.view(-1, top_k, rows.shape[-1]).sum(1)
+        over k: deterministic, unlike an index_add of the pairs). Every pair's row is written exactly
+        once, so the copy needs no zero-filled buffer, and with one expert per token it is the output."""
+        per_pair = torch.empty_like(rows).index_copy_(0, self.pair, rows)
+        return per_pair if top_k == 1 else per_pair.view(-1, top_k, rows.shape[-1]).sum(1)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

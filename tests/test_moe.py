@@ -122,6 +122,8 @@ def test_auto_picks_one_kernel_by_device_threads_and_routing():
         torch.set_num_threads(2)
         assert select_kernel("auto", x, balanced, weight) == "padded"
         assert select_kernel("auto", x, collapsed, weight) == "loop", "padding would multiply the work by 8"
+        skewed = torch.cat([torch.zeros(4, dtype=torch.long), balanced[4:, 0]])[:, None]  # expert 0: 11 of 64
+        assert select_kernel("auto", x, skewed, weight) == "loop", "padding would add 3/8 of the work"
         assert select_kernel("auto", x[:1], balanced[:1], weight) == "loop", "one decoded token"
         torch.set_num_threads(1)
         assert select_kernel("auto", x, balanced, weight) == "loop"
