@@ -8,6 +8,10 @@ keeping the last logits (what `generate` does). Decode: batch-1 greedy `generate
 median of the repeats is reported, because the machine's cores are shared with other jobs.
 
     python bench/bench_moe.py --experts 16 128 --repeats 7 --markdown bench/bench_moe.md
+
+`--layer` times one FFN layer per kernel; `--skew 1.0 1.5 2.0 --experts 16 32 64 128` the routed experts
+alone per CPU kernel as one expert's load grows (where `auto` stops padding); `--compile` eager against
+compiled decoding.
 """
 
 from __future__ import annotations
