@@ -11,6 +11,9 @@
    aux-loss-free balancing updated at the step: time, peak memory, finite gradients.
 4. a torch.compile'd (fullgraph) decode over a StaticCache equals eager decoding, small widths.
 
+A check that fails is recorded as {"error": ...} and the others still run; `--out` is rewritten after
+every check, and the exit status is non-zero if any failed.
+
     python bench/gpu_check.py --out gpu_check.json          # on a GPU
     python bench/gpu_check.py --device cpu --tiny           # the same code paths at tiny widths (CI)
 """
@@ -22,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -238,19 +242,34 @@ def main(argv=None) -> dict:
         device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         torch=torch.__version__, widths="tiny" if args.tiny else "scout",
     )
-    checks = {"parity": check_parity, "speed": check_speed, "training": check_training}
+    checks = {
+        "parity": lambda: check_parity(args, widths, sizes),
+        "speed": lambda: check_speed(args, widths, sizes),
+        "training": lambda: check_training(args, widths, sizes),
+        "compile": lambda: check_compile(args),
+    }
+    failed = []
     for name, check in checks.items():
-        if name not in args.skip:
-            t = time.perf_counter()
-            results[name] = check(args, widths, sizes)
-            print(f"[{time.perf_counter() - t:.0f} s] {name}: {json.dumps(results[name], indent=1)}", flush=True)
-    if "compile" not in args.skip:
-        results["compile"] = check_compile(args)
-        print(f"compile: {results['compile']}", flush=True)
+        if name in args.skip:
+            continue
+        t = time.perf_counter()
+        # Device time is scarce: a check that fails (an unsupported kernel, out of memory) is recorded and
+        # the others still run, and the results are written after every check so a timeout keeps them.
+        try:
+            results[name] = check()
+        except Exception as error:  # noqa: BLE001 - reported below and turned into a failing exit
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            failed.append(name)
+            peak_reset(args.device)
+        print(f"[{time.perf_counter() - t:.0f} s] {name}: {json.dumps(results[name], indent=1)}", flush=True)
+        results["total_seconds"] = time.perf_counter() - started
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
     results["total_seconds"] = time.perf_counter() - started
     print(f"total {results['total_seconds']:.0f} s")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    if failed:
+        raise SystemExit(f"gpu_check: {', '.join(failed)} failed (errors recorded in the results)")
     return results
 
 
