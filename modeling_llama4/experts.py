@@ -51,7 +51,7 @@ from .configuration_llama4 import Llama4TextConfig
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "auto" pads experts to the busiest one's count only while that adds at most a quarter to the routed
 # work: `bench/bench_moe.py --skew` (2 threads) has padded and loop break even at 1.2-1.4x at 16-128
-# experts; padded is 1.15-1.4x faster on a balanced load and 1.4-1.6x slower at 2x.
+# experts; padded is 1.15-1.4x faster on a balanced load and 1.1-1.6x slower at 2x.
 _MAX_PADDING = 1.25
 
 
@@ -93,8 +93,8 @@ def select_kernel(implementation: str, x: torch.Tensor, top_k_index: torch.Tenso
       for more;
     * on the CPU: `padded` when several threads run and padding adds at most `_MAX_PADDING - 1` to the
       routed work (a skewed router, or a few decoded tokens, falls back), else `loop`, which computes
-      only the experts that received tokens (torch's CPU grouped_mm visits every expert: 2-10x slower than the
-      loop for one decoded token at 128 experts, and no faster for a prompt).
+      only the experts that received tokens (torch's CPU grouped_mm visits every expert: 2-10x slower
+      than the loop for one decoded token at 128 experts, and no faster for a prompt).
     """
     runs = grouped_mm_runs(x, gate_up_proj)
     if implementation == "grouped_mm" and not runs:
